@@ -1,0 +1,422 @@
+"""Typed, validated configuration: YAML files plus dotted `--set a.b=c` overrides.
+
+Every section is a strict pydantic model, so an unknown key, a wrong type or an inconsistent value
+fails before any work starts, with a message that names the key, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class RopeScaling(Section):
+    """Context extension. `linear` is position interpolation; `yarn` is NTK-by-parts + attention temperature."""
+
+    kind: Literal["linear", "yarn"] = "linear"
+    factor: float = Field(4.0, gt=1.0)
+    original_max_seq_len: int = Field(2048, gt=0)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+
+class LossConfig(Section):
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    z_loss_weight: float = Field(0.0, ge=0.0)  # PaLM's z-loss: weight * logsumexp(logits)^2
+
+
+class ModelConfig(Section):
+    vocab_size: int = Field(50304, gt=0)
+    d_model: int = Field(768, gt=0)
+    n_layers: int = Field(12, gt=0)
+    n_heads: int = Field(12, gt=0)
+    n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head attention)
+    ffn_hidden: int | None = None  # None: Llama rule, 8/3 * d_model * ffn_multiplier rounded up
+    ffn_multiplier: float = Field(1.0, gt=0)
+    multiple_of: int = Field(256, gt=0)
+    max_seq_len: int = Field(2048, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = Field(1e-5, gt=0)
+    qk_norm: bool = False
+    logit_softcap: float | None = Field(None, gt=0)
+    tie_embeddings: bool = False
+    init_std: float = Field(0.02, gt=0)
+    depth_scaled_init: bool = True  # residual output projections get std / sqrt(2 * n_layers)
+    mup_base_d_model: int | None = Field(None, gt=0)  # set to enable muP; width of the tuned proxy
+    mtp_heads: int = Field(0, ge=0)  # extra heads predicting tokens t+2 .. t+1+mtp_heads
+    mtp_weight: float = Field(0.3, ge=0)
+    attention: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+    loss: LossConfig = LossConfig()
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        hidden = int(8 * self.d_model / 3 * self.ffn_multiplier)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}; "
+                f"valid head counts: {_divisors(self.d_model)[:12]}"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"model.n_kv_heads={self.kv_heads} must divide model.n_heads={self.n_heads}; "
+                f"valid: {_divisors(self.n_heads)}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head dim d_model/n_heads={self.head_dim} must be even for RoPE")
+        return self
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "adafactor"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)  # global-norm clipping; None disables
+
+
+class ScheduleConfig(Section):
+    name: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # min_lr = lr * min_lr_ratio
+    decay_start: int | None = Field(None, ge=0)  # wsd: first step of the decay; None = steps - decay_steps
+    decay_steps: int | None = Field(None, ge=1)  # wsd: length of the decay; None = 20% of the run
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"  # wsd decay curve
+
+
+class PrecisionConfig(Section):
+    dtype: Literal["fp32", "bf16", "fp16", "fp8"] = "bf16"
+    initial_loss_scale: float = Field(2.0**16, gt=0)  # fp16 only
+    loss_scale_growth_interval: int = Field(2000, gt=0)
+    min_loss_scale: float = Field(1.0, gt=0)
+
+
+class ActivationCheckpointing(Section):
+    mode: Literal["none", "full", "every_n", "selective"] = "none"
+    every_n: int = Field(2, ge=1)  # mode=every_n: checkpoint every n-th block
+    selective: Literal["attention", "mlp"] = "attention"  # mode=selective: what to recompute
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, gt=0)
+    seq_len: int = Field(2048, gt=0)  # used when the curriculum does not set one
+    global_batch_tokens: int = Field(524288, gt=0)  # constant across world sizes and phases
+    micro_batch_size: int = Field(4, gt=0)  # at most this many rows per rank per micro-step
+    seed: int = 1234
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    compile: bool = False
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing()
+    log_every: int = Field(10, gt=0)
+    peak_flops: float | None = Field(None, gt=0)  # per device; None: known GPU by name, or measured on CPU
+    threads_per_worker: int | None = Field(None, gt=0)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class S3Config(Section):
+    """Where object storage lives. Unset fields fall back to the standard AWS environment/credential chain."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+
+
+class Phase(Section):
+    start_step: int = Field(0, ge=0)
+    seq_len: int | None = Field(None, gt=0)
+    source_weights: dict[str, float] = {}  # empty: every source in proportion to its tokens
+    bucket_weights: dict[str, float] = {}  # length buckets by name, e.g. {"short": 3, "long": 1}
+    max_doc_tokens: int | None = Field(None, gt=0)
+    min_quality: float | None = None
+
+
+class DataConfig(Section):
+    path: str = "data/sample"  # directory (local or s3://) holding manifest.json and the shards
+    tokenizer: str = "byte"  # byte | gpt2 | path/to/tokenizer.json
+    objective: Literal["clm", "fim", "mlm", "sft"] = "clm"
+    fim_rate: float = Field(0.5, ge=0, le=1)
+    fim_spm_rate: float = Field(0.5, ge=0, le=1)
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    on_bad_shard: Literal["fail", "skip"] = "fail"
+    prefetch_batches: int = Field(4, ge=0)
+    epoch_warning: int = Field(4, gt=0)  # warn when a source is repeated past this many epochs
+    phases: list[Phase] = [Phase()]
+    s3: S3Config = S3Config()
+
+    @model_validator(mode="after")
+    def _check_phases(self) -> DataConfig:
+        starts = [p.start_step for p in self.phases]
+        if not starts or starts[0] != 0:
+            raise ValueError("data.phases[0].start_step must be 0 (the first phase starts the run)")
+        if starts != sorted(set(starts)):
+            raise ValueError(f"data.phases start_step values must be strictly increasing, got {starts}")
+        for i, p in enumerate(self.phases):
+            for key, weights in (("source_weights", p.source_weights), ("bucket_weights", p.bucket_weights)):
+                bad = {k: v for k, v in weights.items() if v < 0}
+                if bad or (weights and sum(weights.values()) <= 0):
+                    raise ValueError(f"data.phases[{i}].{key}={weights} must be non-negative with a positive sum")
+        return self
+
+
+# --------------------------------------------------------------------------- distribution, storage, guardian
+
+
+class ParallelConfig(Section):
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    min_workers: int = Field(1, gt=0)
+    max_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    fsdp_reshard_after_forward: bool = True
+    fsdp_cpu_offload: bool = False
+    max_failures: int = Field(3, ge=-1)  # worker-group restarts before the run gives up; -1 = unlimited
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ParallelConfig:
+        if self.min_workers > self.max_workers:
+            raise ValueError(
+                f"parallel.min_workers={self.min_workers} exceeds parallel.max_workers={self.max_workers}"
+            )
+        if self.offload_params and not (self.strategy == "deepspeed" and self.zero_stage == 3):
+            raise ValueError("parallel.offload_params needs parallel.strategy=deepspeed with zero_stage=3")
+        return self
+
+
+class CheckpointConfig(Section):
+    storage: str = "runs"  # local directory or s3://bucket/prefix; the run lives under <storage>/<run.name>
+    every_steps: int | None = Field(100, gt=0)
+    every_minutes: float | None = Field(None, gt=0)
+    keep_last: int = Field(3, gt=0)
+    keep_every: int | None = Field(None, gt=0)  # steps; checkpoints at multiples are kept for good
+    async_upload: bool = True
+    mirror: str | None = None  # optional second location for every committed checkpoint
+    s3: S3Config = S3Config()
+
+
+class GuardianConfig(Section):
+    enabled: bool = True
+    warmup_exempt_steps: int = Field(20, ge=0)
+    spike_factor: float = Field(3.0, gt=1)  # loss > factor * running mean
+    spike_zscore: float = Field(6.0, gt=0)
+    window: int = Field(128, gt=1)
+    min_window: int = Field(16, gt=1)  # z-scores need this many healthy steps first
+    grad_norm_max: float = Field(10.0, gt=0)
+    grad_norm_zscore: float = Field(6.0, gt=0)
+    divergence_steps: int = Field(50, gt=0)  # loss above baseline for this many consecutive steps
+    divergence_margin: float = Field(0.5, ge=0)  # in loss units above the healthy baseline
+    skips_before_rollback: int = Field(3, ge=0)  # anomalies within `window` before a skip turns into a rollback
+    rollback_skip_batches: int = Field(8, ge=0)  # global batches skipped past the anomaly on rollback
+    cooldown_lr_factor: float = Field(1.0, gt=0, le=1)
+    cooldown_steps: int = Field(0, ge=0)
+    max_rollbacks: int = Field(3, ge=0)
+    step_timeout_s: float = Field(600.0, gt=0)
+
+
+class FaultInjection(Section):
+    step: int = Field(ge=0)
+    kind: Literal["nan_loss", "loss_spike", "shuffle_labels", "grad_explode", "crash", "hang", "s3_outage"]
+    rank: int = 0
+    scale: float = 1000.0  # grad_explode: loss multiplier
+    once: bool = True  # fire only the first time the step is reached (not again after a rollback)
+
+
+class RunConfig(Section):
+    name: str = "tiny"
+    address: str | None = None  # Ray address; None starts (or joins) a local Ray
+    local_num_cpus: int = Field(8, gt=0)  # logical CPUs for a local Ray, above the core count on purpose
+    resume: bool = True
+
+
+# --------------------------------------------------------------------------- the whole
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    precision: PrecisionConfig = PrecisionConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    guardian: GuardianConfig = GuardianConfig()
+    faults: list[FaultInjection] = []
+    run: RunConfig = RunConfig()
+
+    def seq_len_at(self, step: int) -> int:
+        seq_len = self.train.seq_len
+        for phase in self.data.phases:
+            if phase.start_step <= step and phase.seq_len is not None:
+                seq_len = phase.seq_len
+        return seq_len
+
+    def phase_seq_lens(self) -> list[int]:
+        return sorted({self.seq_len_at(p.start_step) for p in self.data.phases} | {self.seq_len_at(0)})
+
+    def rows_per_global_batch(self, step: int) -> int:
+        return self.train.global_batch_tokens // self.seq_len_at(step)
+
+    def accumulation_steps(self, step: int, world_size: int) -> int:
+        """Micro-steps per rank. Ranks whose share is short run padding micro-batches (all labels
+        ignored), so every rank takes the same number of steps and the loss, normalised by the global
+        count of label tokens, is identical at any world size."""
+        rows_per_rank = math.ceil(self.rows_per_global_batch(step) / world_size)
+        return math.ceil(rows_per_rank / self.train.micro_batch_size)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Config:
+        t = self.train
+        for seq_len in self.phase_seq_lens():
+            if seq_len > self.model.max_seq_len and self.model.rope_scaling is None:
+                raise ValueError(
+                    f"sequence length {seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                    "raise model.max_seq_len or set model.rope_scaling"
+                )
+            if t.global_batch_tokens % seq_len:
+                raise ValueError(
+                    f"train.global_batch_tokens={t.global_batch_tokens} must be a multiple of every "
+                    f"sequence length in use ({seq_len})"
+                )
+            rows = t.global_batch_tokens // seq_len
+            if rows < self.parallel.max_workers:
+                raise ValueError(
+                    f"global batch of {rows} rows (train.global_batch_tokens={t.global_batch_tokens} / "
+                    f"seq_len {seq_len}) is smaller than parallel.max_workers={self.parallel.max_workers}; "
+                    "every worker needs at least one row"
+                )
+        for f in self.faults:
+            if f.step >= t.steps:
+                raise ValueError(f"faults: injection at step {f.step} is past train.steps={t.steps}")
+        return self
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars or flow collections: 3e-4, true, null, [512, 2048], {web: 1}."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            node = node[int(key)]
+            continue
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict | list):
+            raise ConfigError(f"--set {dotted}: '{key}' is a value ({child!r}), not a section")
+        node = child
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; see raytrainer/config.py for valid keys)")
+        elif "input" in e and e["type"] != "value_error" and not isinstance(e["input"], dict):
+            lines.append(f"  {key} = {e['input']!r}: {msg}")
+        else:
+            lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path, or a preset name from configs/ (`tiny`, `llama-1b`, ...)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    if preset.exists():
+        return preset
+    presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file {name_or_path} not found (and not a preset; presets: {presets})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or preset name) and apply `key.sub=value` overrides, validating everything."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        file = resolve_config_path(path)
+        source = str(file)
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{file}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=3e-4")
+        key, text = item.split("=", 1)
+        apply_override(raw, key.strip(), _parse_value(text))
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return cfg.model_dump(mode="json")
