@@ -210,6 +210,8 @@ class ParallelConfig(Section):
     fsdp_reshard_after_forward: bool = True
     fsdp_cpu_offload: bool = False
     max_failures: int = Field(3, ge=-1)  # worker-group restarts before the run gives up; -1 = unlimited
+    elastic_resize_interval_s: float = Field(60.0, ge=0)  # how often a healthy run looks for more capacity
+    worker_start_timeout_s: float = Field(600.0, gt=0)  # a worker group that cannot be placed fails after this
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 
     @model_validator(mode="after")
@@ -247,6 +249,8 @@ class GuardianConfig(Section):
     divergence_margin: float = Field(0.5, ge=0)  # in loss units above the healthy baseline
     skips_before_rollback: int = Field(3, ge=0)  # anomalies within `window` before a skip turns into a rollback
     rollback_skip_batches: int = Field(8, ge=0)  # global batches skipped past the anomaly on rollback
+    rollback_skip_before: int = Field(0, ge=0)  # also skip this many batches before the first anomalous one
+    zscore_min_rel_std: float = Field(0.01, ge=0)  # sigma floor as a fraction of the running mean (quiet curves)
     cooldown_lr_factor: float = Field(1.0, gt=0, le=1)
     cooldown_steps: int = Field(0, ge=0)
     max_rollbacks: int = Field(3, ge=0)

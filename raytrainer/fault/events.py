@@ -1,0 +1,199 @@
+"""The guardian's events log: every decision with its reason, as JSON lines in the run's storage.
+
+Object stores cannot append, so the log is one small object, `<run>/guardian/events.jsonl`, rewritten whole
+after each event (only interventions, checkpoints and restores are logged, never healthy steps, so it stays
+small). A local write goes to a temporary file and is renamed into place; an S3 PUT replaces the object
+atomically. Either way a reader sees the old log or the new one, never half of it.
+
+A log opened on an existing object keeps its lines, so a resubmitted job continues the same log.
+Write failures (an S3 outage) never stop training: they are logged and retried with the next event or flush.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Protocol
+
+import pyarrow.fs as pafs
+
+from raytrainer.config import Config
+
+log = logging.getLogger("raytrainer.guardian")
+
+EVENTS_FILE = "events.jsonl"
+
+
+class TextStore(Protocol):
+    def read_text(self, name: str) -> str | None: ...
+    def write_text(self, name: str, text: str) -> None: ...
+    def exists(self, name: str) -> bool: ...
+
+
+class RunStore:
+    """A directory in the run's storage (local disk or an object store), written one object at a time."""
+
+    def __init__(self, filesystem: pafs.FileSystem, path: str):
+        self.fs = filesystem
+        self.path = path.rstrip("/")
+        self._local = filesystem.type_name == "local"
+
+    @classmethod
+    def local(cls, directory: str | os.PathLike) -> RunStore:
+        return cls(pafs.LocalFileSystem(), os.path.abspath(directory))
+
+    @classmethod
+    def for_run(cls, cfg: Config, subdir: str = "guardian") -> RunStore:
+        """`<checkpoint.storage>/<run.name>/<subdir>`, local (made absolute) or s3:// (checkpoint.s3)."""
+        from raytrainer.storage import join, open_filesystem
+
+        # Short timeouts: during an outage a write should fail fast and be retried, not block for minutes.
+        fs, root = open_filesystem(cfg.checkpoint.storage, cfg.checkpoint.s3, connect_timeout=10,
+                                   request_timeout=30)
+        return cls(fs, join(root, cfg.run.name, subdir))
+
+    def _full(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            with self.fs.open_input_stream(self._full(name)) as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            return None
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self._full(name)).type != pafs.FileType.NotFound
+
+    def write_text(self, name: str, text: str) -> None:
+        target = self._full(name)
+        if not self._local:
+            with self.fs.open_output_stream(target) as f:  # one PUT: atomic replace
+                f.write(text.encode())
+            return
+        self.fs.create_dir(os.path.dirname(target), recursive=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(text.encode())
+        self.fs.move(tmp, target)
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.fs.type_name}:{self.path})"
+
+
+class MemoryStore:
+    """A TextStore in memory (tests, or runs that should leave nothing behind)."""
+
+    def __init__(self):
+        self.objects: dict[str, str] = {}
+
+    def read_text(self, name: str) -> str | None:
+        return self.objects.get(name)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.objects[name] = text
+
+    def exists(self, name: str) -> bool:
+        return name in self.objects
+
+
+class EventLog:
+    """Appends events to `events.jsonl` in a store, or hands the whole JSON-lines text to a callable.
+
+    background=True writes from a thread, so a slow or unreachable store never delays a decision;
+    `flush()` waits for the write.
+    """
+
+    def __init__(self, sink: TextStore | Callable[[str], None], name: str = EVENTS_FILE,
+                 background: bool = False):
+        self.sink = sink
+        self.name = name
+        self.lines: list[str] = []
+        if not callable(sink):
+            self.lines = [line for line in (sink.read_text(name) or "").splitlines() if _valid_json(line)]
+        self._written = len(self.lines)  # lines already in storage
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._writer, name="guardian-events", daemon=True)
+            self._thread.start()
+
+    def append(self, event: dict) -> None:
+        line = json.dumps(event, sort_keys=True, default=str)
+        with self._lock:
+            self.lines.append(line)
+            self._lock.notify_all()
+        if self._thread is None:
+            self._write()
+
+    def flush(self, timeout_s: float | None = 30.0) -> bool:
+        """Write whatever is pending; True when storage holds every event."""
+        if self._thread is None:
+            return self._write()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._lock:
+            while self._written < len(self.lines):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._lock.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        self.flush(timeout_s=10.0)
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+
+    def events(self) -> list[dict]:
+        with self._lock:
+            return [json.loads(line) for line in self.lines]
+
+    def _write(self) -> bool:
+        with self._lock:
+            count = len(self.lines)
+            if self._written >= count:
+                return True
+            text = "\n".join(self.lines[:count]) + "\n"
+        try:
+            if callable(self.sink):
+                self.sink(text)
+            else:
+                self.sink.write_text(self.name, text)
+        except Exception as e:  # the log must never stop training
+            log.warning("guardian: could not write %s to %s (%s: %s); will retry with the next event",
+                        self.name, self.sink, type(e).__name__, e)
+            return False
+        with self._lock:
+            self._written = max(self._written, count)
+            self._lock.notify_all()
+        return True
+
+    def _writer(self) -> None:
+        while True:
+            with self._lock:
+                while self._written >= len(self.lines) and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+            if not self._write():
+                time.sleep(1.0)  # the store is down; try again shortly
+
+
+def read_events(store: TextStore, name: str = EVENTS_FILE) -> list[dict]:
+    """The events of a run, oldest first (for reports)."""
+    return [json.loads(line) for line in (store.read_text(name) or "").splitlines() if _valid_json(line)]
+
+
+def _valid_json(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,416 @@
+"""The guardian's decisions: continue, skip the update, roll back, or abort. Pure logic: no Ray, no I/O.
+
+The training loop reports every step before the optimizer step is applied and acts on the answer::
+
+    decision = guardian.decide(step, stats, cursor)      # stats: .loss, .grad_norm (pre-clip), .finite, ...
+    continue -> apply the update (with decision.lr_factor)
+    skip     -> do not apply it; the batch is recorded and never replayed
+    rollback -> every rank reloads checkpoint decision.rollback_to in place, rebuilds the data feed from its
+                cursor and hands it decision.skip_ranges; the next step is decision.rollback_to
+    abort    -> stop the run; decision.reason is the incident report
+    after each committed checkpoint: guardian.on_checkpoint(step)
+
+Policy
+------
+Detection is in `raytrainer.fault.detectors` (non-finite, loss spike, grad-norm spike, divergence). A step
+with any finding is an *anomaly*; its update is never applied.
+
+1. **Skip.** An anomaly is skipped: no optimizer step, the batch is recorded (event log, state, and the
+   list of skipped batches, so no restart or rollback replays it). A non-finite loss or grad is always at
+   least a skip, warmup included.
+2. **Roll back** when either
+   - this anomaly makes more than `skips_before_rollback` anomalies within the last `window` steps
+     (the defaults: the 4th anomaly inside 128 steps), or
+   - the divergence detector fires (loss above baseline + margin for `divergence_steps` steps in a row).
+   The *streak* starts at the earliest anomaly still inside the window (for divergence, at the first step
+   above the baseline if that is earlier). The target is the newest committed checkpoint at a step
+   <= that start. Checkpoint steps follow the loop's convention: checkpoint `c` holds the updates of steps
+   0..c-1 and training resumes at step c, so `c <= streak start` means every update in it was applied
+   before the trouble began (its last update came from the last healthy step before the streak), and no
+   checkpoint written during the unresolved streak is ever chosen. Checkpoints newer than the target
+   belong to an abandoned branch and are forgotten.
+   Data: global-batch indices (the position in the data stream; equal to the step number until the first
+   skip) in the half-open range ``[a, b)`` are skipped, where
+       a = max(batch of the target checkpoint, batch of the streak's first step - rollback_skip_before)
+       b = batch of the current step + 1 + rollback_skip_batches
+   i.e. everything from the first anomalous batch (optionally a few before it) through the batch that
+   triggered the rollback, plus `rollback_skip_batches` batches after it. `decision.skip_ranges` lists every
+   range skipped so far in the run (merged), which is what a rebuilt data feed must skip.
+   For `cooldown_steps` steps after the rollback (steps target .. target + cooldown_steps - 1) every
+   decision carries lr_factor = `cooldown_lr_factor`.
+   After a rollback the window of anomalies is cleared and the statistics forget the abandoned steps.
+3. **Abort** when a rollback is needed but `max_rollbacks` rollbacks were already made in this run, or
+   there is no healthy checkpoint to go back to. Once aborted, every later decision is abort.
+
+State
+-----
+`state_dict()` is JSON-able and goes into every checkpoint. `load_state_dict()` restores the statistics and
+position of that checkpoint but never forgets what the live guardian already knows: skipped ranges are
+united, the rollback count is the larger of the two, so a crash loop cannot reset the escalation and a
+restarted or resubmitted job never replays a window it skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from raytrainer.config import GuardianConfig
+from raytrainer.fault.detectors import DIVERGENCE, Detectors, Finding
+
+STATE_VERSION = 1
+ACTIONS = ("continue", "skip", "rollback", "abort")
+_MAX_CHECKPOINTS = 64  # checkpoints remembered as rollback targets
+_MAX_EVENTS_IN_STATE = 500  # the event log in storage keeps everything; the state keeps the recent ones
+
+
+@dataclass
+class Decision:
+    """What every rank does with this step. Small and picklable: it is broadcast from rank 0."""
+
+    action: str = "continue"  # continue | skip | rollback | abort
+    reason: str = ""
+    lr_factor: float = 1.0  # multiply the scheduled learning rate (cool-down after a rollback)
+    rollback_to: int | None = None  # checkpoint step to reload; training resumes at this step
+    skip_range: tuple[int, int] | None = None  # global batches [a, b) newly skipped by this rollback
+    skip_ranges: list[tuple[int, int]] = field(default_factory=list)  # every range to skip (for a new feed)
+
+    @property
+    def apply_update(self) -> bool:
+        return self.action == "continue"
+
+
+@dataclass
+class StepReport:
+    """What a step reports. `batch`: the global-batch index it consumed, if the loop knows it (otherwise the
+    guardian derives it from the step and the ranges it told the data feed to skip)."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    finite: bool = True
+    lr: float | None = None
+    tokens: int | None = None
+    batch: int | None = None
+    cursor: dict | None = None
+
+    @classmethod
+    def from_stats(cls, step: int, stats: Any, cursor: dict | None = None, *,
+                   lr: float | None = None, batch: int | None = None) -> StepReport:
+        """From the step engine's StepStats (or any object or dict with loss and grad_norm)."""
+        get = stats.get if isinstance(stats, dict) else lambda k, d=None: getattr(stats, k, d)
+        lr = lr if lr is not None else get("lr")
+        tokens = get("tokens")
+        return cls(
+            step=int(step),
+            loss=_scalar(get("loss")),
+            grad_norm=_scalar(get("grad_norm")),
+            finite=bool(get("finite", True)),
+            lr=None if lr is None else _scalar(lr),
+            tokens=None if tokens is None else int(tokens),
+            batch=batch,
+            cursor=cursor,
+        )
+
+
+class Guardian:
+    """Decides, step by step, whether an update may be applied. See the module docstring for the policy."""
+
+    def __init__(self, cfg: GuardianConfig, run_name: str = "",
+                 on_event: Callable[[dict], None] | None = None, clock: Callable[[], float] = time.time):
+        self.cfg = cfg
+        self.run_name = run_name
+        self.on_event = on_event
+        self.clock = clock
+        self.detectors = Detectors(cfg)
+        self._anomalies: list[dict] = []  # the current streak: anomalies within the last `window` steps
+        self._history: deque[tuple[int, int]] = deque(maxlen=cfg.window + cfg.divergence_steps + 2)
+        self._next: tuple[int, int] = (0, 0)  # the next step expected and the batch it will consume
+        self._checkpoints: dict[int, int] = {}  # committed checkpoint step -> batch it resumes at
+        self._skipped: list[tuple[int, int]] = []  # merged, sorted [a, b) ranges of global batches
+        self._rollbacks: list[dict] = []
+        self._cooldown: tuple[int, int] | None = None  # steps [start, end) that run at cooldown_lr_factor
+        self._aborted: str | None = None
+        self._events: list[dict] = []
+        self._seq = 0
+
+    # ------------------------------------------------------------------ the per-step call
+
+    def decide(self, step: int, stats: Any, cursor: dict | None = None, *,
+               lr: float | None = None, batch: int | None = None) -> Decision:
+        """The loop's per-step call: `stats` needs .loss and .grad_norm (pre-clip); .finite, .tokens, .lr
+        are used when present."""
+        return self.observe(StepReport.from_stats(step, stats, cursor, lr=lr, batch=batch))
+
+    def observe(self, report: StepReport) -> Decision:
+        step = report.step
+        if self._aborted is not None:
+            return Decision("abort", self._aborted)
+        batch = report.batch if report.batch is not None else self.batch_for(step)
+        self._history.append((step, batch))
+        self._next = (step + 1, self._skip_out(batch + 1))
+        lr_factor = self.lr_factor(step)
+
+        findings = self.detectors.check(step, report.loss, report.grad_norm, report.finite)
+        if not findings:
+            return Decision("continue", lr_factor=lr_factor)
+
+        self._anomalies = [a for a in self._anomalies if a["step"] > step - self.cfg.window]
+        self._anomalies.append({"step": step, "batch": batch, "kinds": [f.kind for f in findings],
+                                "loss": _json_float(report.loss), "grad_norm": _json_float(report.grad_norm)})
+        diverged = any(f.kind == DIVERGENCE for f in findings)
+        too_many = len(self._anomalies) > self.cfg.skips_before_rollback
+        if diverged or too_many:
+            return self._rollback(report, batch, findings, diverged)
+        return self._skip(report, batch, findings, lr_factor)
+
+    def on_checkpoint(self, step: int) -> None:
+        """A checkpoint for `step` (training resumes at `step`) is committed and may be rolled back to."""
+        self._checkpoints[step] = self.batch_for(step)
+        for old in sorted(self._checkpoints)[:-_MAX_CHECKPOINTS]:
+            del self._checkpoints[old]
+        open_anomalies = [a["step"] for a in self._anomalies if a["step"] > step - self.cfg.window]
+        self._emit({"event": "checkpoint", "step": step, "batch": self._checkpoints[step],
+                    "open_anomalies": open_anomalies})
+
+    # ------------------------------------------------------------------ queries
+
+    def lr_factor(self, step: int) -> float:
+        if self._cooldown is not None and self._cooldown[0] <= step < self._cooldown[1]:
+            return self.cfg.cooldown_lr_factor
+        return 1.0
+
+    def skipped_ranges(self) -> list[tuple[int, int]]:
+        """Every range [a, b) of global batches the data feed must skip (hand these to a rebuilt feed)."""
+        return list(self._skipped)
+
+    def healthy_checkpoint(self, streak_start: int) -> int | None:
+        """The newest committed checkpoint whose updates all predate a streak that began at `streak_start`."""
+        return max((c for c in self._checkpoints if c <= streak_start), default=None)
+
+    def batch_for(self, step: int) -> int:
+        """The global-batch index step `step` consumes in the current timeline."""
+        next_step, next_batch = self._next
+        if self._history and self._history[-1][0] == step == next_step - 1:
+            return self._history[-1][1]  # the last step, reported again (a retried call)
+        if step >= next_step:
+            b = self._skip_out(next_batch)
+            for _ in range(step - next_step):
+                b = self._skip_out(b + 1)
+            return b
+        # Earlier than expected without a load_state_dict: map from the start of the stream.
+        b = step
+        for a, e in self._skipped:
+            if a <= b:
+                b += e - a
+        return b
+
+    @property
+    def rollbacks(self) -> int:
+        return len(self._rollbacks)
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted is not None
+
+    @property
+    def events(self) -> list[dict]:
+        return list(self._events)
+
+    # ------------------------------------------------------------------ decisions
+
+    def _skip(self, report: StepReport, batch: int, findings: list[Finding], lr_factor: float) -> Decision:
+        self._add_skipped(batch, batch + 1)
+        n, allowed = len(self._anomalies), self.cfg.skips_before_rollback
+        reason = (f"step {report.step}: {_describe(findings)}; update skipped (anomaly {n} of {allowed} "
+                  f"allowed within {self.cfg.window} steps before a rollback)")
+        decision = Decision("skip", reason, lr_factor=lr_factor)
+        self._emit_decision(decision, report, batch, findings)
+        return decision
+
+    def _rollback(self, report: StepReport, batch: int, findings: list[Finding], diverged: bool) -> Decision:
+        step = report.step
+        streak_start = min(a["step"] for a in self._anomalies)
+        streak_batch = min(a["batch"] for a in self._anomalies)
+        run_start = self.detectors.divergence.run_start
+        if diverged and run_start is not None and run_start < streak_start:
+            streak_batch = self._batch_in_history(run_start, batch - (step - run_start))
+            streak_start = run_start
+        why = ("the loss diverged" if diverged else
+               f"{len(self._anomalies)} anomalies within {self.cfg.window} steps "
+               f"(guardian.skips_before_rollback={self.cfg.skips_before_rollback})")
+        if self.rollbacks >= self.cfg.max_rollbacks:
+            used_up = f"{why}, and guardian.max_rollbacks={self.cfg.max_rollbacks} rollbacks are used up"
+            return self._abort(report, batch, findings, used_up)
+        target = self.healthy_checkpoint(streak_start)
+        if target is None:
+            known = sorted(self._checkpoints) or "none"
+            no_target = (f"{why}, but no committed checkpoint precedes the anomalies that began at step "
+                         f"{streak_start} (checkpoints known: {known}); lower checkpoint.every_steps")
+            return self._abort(report, batch, findings, no_target)
+
+        target_batch = self._checkpoints[target]
+        start = max(target_batch, streak_batch - self.cfg.rollback_skip_before)
+        end = batch + 1 + self.cfg.rollback_skip_batches
+        self._add_skipped(start, end)
+        for c in [c for c in self._checkpoints if c > target]:
+            del self._checkpoints[c]  # an abandoned branch
+        self.detectors.rewind(target)
+        self._history = deque(((s, b) for s, b in self._history if s < target), maxlen=self._history.maxlen)
+        self._anomalies.clear()
+        self._next = (target, self._skip_out(target_batch))
+        self._rollbacks.append({"at_step": step, "to": target, "skip": [start, end]})
+        lr_factor = 1.0
+        if self.cfg.cooldown_steps > 0 and self.cfg.cooldown_lr_factor < 1.0:
+            self._cooldown = (target, target + self.cfg.cooldown_steps)
+            lr_factor = self.cfg.cooldown_lr_factor
+        reason = (f"step {step}: {_describe(findings)}; {why}: rolling back to checkpoint {target} (the last "
+                  f"healthy one; anomalies began at step {streak_start}) and skipping global batches "
+                  f"[{start}, {end}); rollback {self.rollbacks} of {self.cfg.max_rollbacks}")
+        if lr_factor < 1.0:
+            reason += f"; lr x{lr_factor:g} for {self.cfg.cooldown_steps} steps"
+        decision = Decision("rollback", reason, lr_factor=lr_factor, rollback_to=target,
+                            skip_range=(start, end), skip_ranges=self.skipped_ranges())
+        self._emit_decision(decision, report, batch, findings)
+        return decision
+
+    def _abort(self, report: StepReport, batch: int, findings: list[Finding], why: str) -> Decision:
+        history = "; ".join(f"step {r['at_step']} -> checkpoint {r['to']}, skipped batches "
+                            f"[{r['skip'][0]}, {r['skip'][1]})" for r in self._rollbacks) or "none"
+        streak = ", ".join(f"{a['step']} ({'+'.join(a['kinds'])})" for a in self._anomalies)
+        lines = [
+            f"guardian stopped run '{self.run_name}' at step {report.step} (global batch {batch}): {why}.",
+            f"  this step: loss={report.loss}, grad_norm={report.grad_norm}, lr={report.lr}; "
+            f"{_describe(findings)}",
+            f"  anomalies within the last {self.cfg.window} steps: {streak or 'none'}",
+            f"  rollbacks so far: {history}",
+            f"  global batches skipped so far: {self._skipped or 'none'}",
+            "  what to try: lower optim.lr or raise schedule.warmup_steps; look at the skipped batches; "
+            "raise guardian.max_rollbacks or guardian.skips_before_rollback to keep going; every decision "
+            "is in the run's guardian/events.jsonl",
+        ]
+        self._aborted = "\n".join(lines)
+        decision = Decision("abort", self._aborted)
+        self._emit_decision(decision, report, batch, findings)
+        return decision
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """JSON-able; describes the guardian after the last reported step (the loop saves it in checkpoint
+        `step` right before committing it)."""
+        return {
+            "version": STATE_VERSION,
+            "detectors": self.detectors.state_dict(),
+            "anomalies": [dict(a) for a in self._anomalies],
+            "history": [list(h) for h in self._history],
+            "next": list(self._next),
+            "checkpoints": [[c, b] for c, b in sorted(self._checkpoints.items())],
+            "skipped": [list(r) for r in self._skipped],
+            "rollbacks": [dict(r) for r in self._rollbacks],
+            "cooldown": None if self._cooldown is None else list(self._cooldown),
+            "aborted": self._aborted,
+            "events": self._events[-_MAX_EVENTS_IN_STATE:],
+            "seq": self._seq,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from a checkpoint's state, keeping what the live guardian knows (see the module doc)."""
+        if not state:
+            return  # a checkpoint written without a guardian (guardian.enabled was false, or not rank 0)
+        version = state.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(f"guardian state version {version!r} is not {STATE_VERSION}: this checkpoint "
+                             "was written by another raytrainer version; start fresh (run.resume=false)")
+        resume_step, resume_batch = (int(x) for x in state["next"])
+        self.detectors.load_state_dict(state["detectors"])
+        self._anomalies = [dict(a) for a in state["anomalies"]]
+        self._history = deque((tuple(h) for h in state["history"]), maxlen=self._history.maxlen)
+        live = {c: b for c, b in self._checkpoints.items() if c <= resume_step}
+        self._checkpoints = {**live, **{int(c): int(b) for c, b in state["checkpoints"]}}
+        self._checkpoints[resume_step] = resume_batch  # the checkpoint being restored is committed
+        for a, b in state["skipped"]:
+            self._add_skipped(int(a), int(b))
+        if len(state["rollbacks"]) > len(self._rollbacks):
+            self._rollbacks = [dict(r) for r in state["rollbacks"]]
+        cooldown = state.get("cooldown")
+        if cooldown is not None and (self._cooldown is None or cooldown[1] > self._cooldown[1]):
+            self._cooldown = (int(cooldown[0]), int(cooldown[1]))
+        self._aborted = self._aborted or state.get("aborted")
+        by_seq = {e["seq"]: e for e in state.get("events", [])}
+        by_seq.update({e["seq"]: e for e in self._events})
+        self._events = [by_seq[s] for s in sorted(by_seq)]
+        self._seq = max(self._seq, int(state.get("seq", 0)))
+        self._next = (resume_step, self._skip_out(resume_batch))
+        self._emit({"event": "restore", "step": resume_step, "batch": self._next[1],
+                    "skipped": self.skipped_ranges(), "rollbacks": self.rollbacks})
+
+    # ------------------------------------------------------------------ helpers
+
+    def _add_skipped(self, start: int, end: int) -> None:
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted([*self._skipped, (start, end)]):
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self._skipped = merged
+
+    def _skip_out(self, batch: int) -> int:
+        """The first batch at or after `batch` that is not skipped."""
+        for a, b in self._skipped:
+            if a <= batch < b:
+                batch = b
+        return batch
+
+    def _batch_in_history(self, step: int, default: int) -> int:
+        return next((b for s, b in reversed(self._history) if s == step), default)
+
+    def _emit_decision(self, decision: Decision, report: StepReport, batch: int,
+                       findings: list[Finding]) -> None:
+        event = {
+            "event": decision.action,
+            "step": report.step,
+            "batch": batch,
+            "reason": decision.reason,
+            "findings": [f.to_dict() for f in findings],
+            "loss": _json_float(report.loss),
+            "grad_norm": _json_float(report.grad_norm),
+            "lr": report.lr,
+            "lr_factor": decision.lr_factor,
+            "tokens": report.tokens,
+            "cursor": report.cursor,
+            "rollbacks": self.rollbacks,
+        }
+        if decision.action == "rollback":
+            event["rollback_to"] = decision.rollback_to
+            event["skip_range"] = list(decision.skip_range)
+        self._emit(event)
+
+    def _emit(self, event: dict) -> None:
+        self._seq += 1
+        event = {"seq": self._seq, "time": self.clock(), "run": self.run_name, **event}
+        self._events.append(event)
+        del self._events[:-_MAX_EVENTS_IN_STATE]
+        if self.on_event is not None:
+            self.on_event(event)
+
+
+def _describe(findings: list[Finding]) -> str:
+    return "; ".join(f.detail for f in findings)
+
+
+def _scalar(x: Any) -> float:
+    return float(x.item()) if hasattr(x, "item") else float(x)
+
+
+def _json_float(x: float) -> float | str:
+    """JSON has no NaN or infinity; keep them readable as strings."""
+    return x if math.isfinite(x) else str(x)
+
+
+__all__ = ["ACTIONS", "Decision", "Guardian", "StepReport"]
