@@ -1,0 +1,124 @@
+"""`raytrainer plan | report | inspect | export | generate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from raytrainer.config import ConfigError, load_config
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny", help="YAML file or preset name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from raytrainer.planner import format_plan, plan
+
+    cfg = load_config(args.config, args.overrides)
+    result = plan(cfg, tokens=args.tokens, gpus=args.gpus, mfu=args.mfu, peak_flops=args.peak_flops, gpu=args.gpu)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from raytrainer.report import format_report, run_report
+
+    report = run_report(args.run, s3=_s3_from_args(args))
+    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from raytrainer.report import inspect_checkpoint
+
+    info = inspect_checkpoint(args.run, args.step, s3=_s3_from_args(args), verify=args.verify)
+    print(json.dumps(info, indent=2, default=str))
+    return 0 if info.get("complete", False) else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from raytrainer.export import export_hf
+
+    cfg = load_config(args.config, args.overrides)
+    out = export_hf(cfg, args.run, args.out, step=args.step, use_ema=args.ema)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from raytrainer.export import generate
+
+    cfg = load_config(args.config, args.overrides)
+    text = generate(cfg, args.run, args.prompt, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, step=args.step, seed=args.seed)
+    print(text)
+    return 0
+
+
+def _s3_from_args(args: argparse.Namespace):
+    from raytrainer.config import S3Config
+
+    return S3Config(endpoint_url=getattr(args, "endpoint_url", None))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raytrainer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="parameters, FLOPs, Chinchilla tokens, wall time and GPU-hours")
+    _config_args(p)
+    p.add_argument("--tokens", type=float, required=True, help="training tokens, e.g. 15e12")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--gpu", default="h100", help="GPU type for the peak FLOP/s (h100, h200, a100, ...)")
+    p.add_argument("--peak-flops", type=float, default=None, help="override the peak FLOP/s per GPU")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    for name, func, helptext in (
+        ("report", cmd_report, "checkpoints and guardian events of a run"),
+        ("inspect", cmd_inspect, "one checkpoint: state, files, completeness"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--run", required=True, help="run directory: <checkpoint.storage>/<run.name>")
+        p.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// runs (default: AWS)")
+        p.add_argument("--json", action="store_true")
+        if name == "inspect":
+            p.add_argument("--step", type=int, default=None, help="default: the latest complete checkpoint")
+            p.add_argument("--verify", action="store_true", help="check every file's sha256")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("export", help="export a checkpoint to the Hugging Face Llama format")
+    _config_args(p)
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    _config_args(p)
+    p.add_argument("--run", required=True)
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

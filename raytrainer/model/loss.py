@@ -1,0 +1,94 @@
+"""Training loss: cross-entropy with label smoothing, PaLM's z-loss and multi-token-prediction terms.
+
+Every term is a *sum* over label tokens divided by one normaliser: the caller's `loss_normalizer` (the
+engine passes global label tokens / world size, so gradients do not depend on how the global batch is
+split) or, when None, this micro-batch's label-token count (a plain mean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossSums:
+    objective: torch.Tensor  # what is optimised: smoothed CE (+ z-loss term), summed over label tokens
+    ce: torch.Tensor  # plain CE sum, detached, for logging
+    z: torch.Tensor  # sum of logsumexp(logits)^2, detached
+    count: torch.Tensor  # label tokens (int64)
+
+
+def token_loss_sums(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, z_loss_weight: float = 0.0
+) -> LossSums:
+    """logits [..., V], labels [...] with IGNORE_INDEX for ignored positions. Computed in fp32."""
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    valid = labels != IGNORE_INDEX
+    # no boolean indexing: keeps shapes static (no host sync, compile-friendly)
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+    ce = lse - target_logit
+    objective = ce
+    if label_smoothing > 0:
+        # torch's definition: (1 - eps) * CE(target) + eps * mean over classes of CE(class)
+        uniform_ce = lse - logits.mean(dim=-1)
+        objective = (1 - label_smoothing) * ce + label_smoothing * uniform_ce
+    z = lse.pow(2)
+    if z_loss_weight > 0:
+        objective = objective + z_loss_weight * z
+    zero = torch.zeros((), device=logits.device)
+    return LossSums(
+        objective=torch.where(valid, objective, zero).sum(),
+        ce=torch.where(valid, ce, zero).sum().detach(),
+        z=torch.where(valid, z, zero).sum().detach(),
+        count=valid.sum(),
+    )
+
+
+def shift_labels(labels: torch.Tensor, doc_ids: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Targets k positions further ahead: out[:, t] = labels[:, t + k], ignored where t + k lies past
+    the row or in another document (doc_ids None: the row is one document)."""
+    out = torch.full_like(labels, IGNORE_INDEX)
+    if k >= labels.shape[1]:
+        return out
+    ahead = labels[:, k:]
+    if doc_ids is not None:
+        ahead = ahead.masked_fill(doc_ids[:, k:] != doc_ids[:, :-k], IGNORE_INDEX)
+    out[:, :-k] = ahead
+    return out
+
+
+def compute_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss_weight: float = 0.0,
+    mtp_logits: list[torch.Tensor] | None = None,
+    mtp_weight: float = 0.0,
+    doc_ids: torch.Tensor | None = None,
+    loss_normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The scalar loss and detached metrics (ce, label_tokens, and z_loss / mtp_ce when in use).
+
+    mtp_logits[k - 1] predicts the token k positions beyond the main head's target; the MTP term is
+    mtp_weight times the mean over heads of their (smoothed) CE sums.
+    """
+    main = token_loss_sums(logits, labels, label_smoothing, z_loss_weight)
+    count = main.count.clamp(min=1)  # an all-ignored micro-batch gives loss 0, not NaN
+    metrics = {"ce": main.ce / count, "label_tokens": main.count.detach()}
+    total = main.objective
+    if z_loss_weight > 0:
+        metrics["z_loss"] = main.z / count
+    if mtp_logits:
+        mtp = [token_loss_sums(head, shift_labels(labels, doc_ids, k), label_smoothing)
+               for k, head in enumerate(mtp_logits, start=1)]
+        total = total + mtp_weight / len(mtp) * sum(s.objective for s in mtp)
+        metrics["mtp_ce"] = sum(s.ce / s.count.clamp(min=1) for s in mtp) / len(mtp)
+    normalizer = count if loss_normalizer is None else loss_normalizer
+    return total / normalizer, metrics

@@ -1,0 +1,227 @@
+"""A decoder-only Llama-style Transformer.
+
+Pre-LN RMSNorm blocks, RoPE, grouped-query attention, SwiGLU MLP; optional QK-norm, logit soft-capping,
+weight tying, muP and multi-token-prediction heads. Parameter names follow Hugging Face Llama
+(without its `model.` prefix), so export is a rename and no tensor is permuted.
+
+Multi-token prediction: head k (k = 1 .. mtp_heads) reads the trunk output h (the last block's
+output, before the final norm) as norm_k(h + proj_k(h)) and shares lm_head; it predicts the token
+k positions beyond the main target, i.e. token t+1+k at position t. These heads are training-only
+and are not part of an exported Llama checkpoint.
+
+muP (mup_base_d_model set), with width multiplier m = d_model / mup_base_d_model: hidden matrices are
+initialised with std / sqrt(m) and trained with lr / m (Adam), attention uses 1/head_dim instead of
+1/sqrt(head_dim), and the logits are multiplied by 1/m. Embeddings, norms and lm_head keep lr and init.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytrainer.config import ModelConfig
+from raytrainer.model.attention import AttentionMask, attention, build_mask
+from raytrainer.model.loss import compute_loss
+from raytrainer.model.rope import RotaryEmbedding, apply_rope
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # normalise in fp32 like HF Llama, whatever the activation dtype
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.scale = 1.0 / cfg.head_dim if cfg.mup_base_d_model else 1.0 / math.sqrt(cfg.head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
+                ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale, mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
+                ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPHead(nn.Module):
+    """One extra prediction depth: a residual linear map of the trunk output and its own norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h + self.proj(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.width_mult = cfg.d_model / cfg.mup_base_d_model if cfg.mup_base_d_model else 1.0
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rotary_emb = RotaryEmbedding(cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.mtp_heads))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re-)initialise every parameter and buffer, e.g. after building on the meta device."""
+        std = self.cfg.init_std
+        hidden_std = std / math.sqrt(self.width_mult)
+        residual_std = hidden_std
+        if self.cfg.depth_scaled_init:
+            residual_std = hidden_std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed_tokens.weight, 0.0, std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, 0.0, std)
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                nn.init.normal_(linear.weight, 0.0, hidden_std)
+            for linear in (attn.o_proj, mlp.down_proj):  # outputs added to the residual stream
+                nn.init.normal_(linear.weight, 0.0, residual_std)
+        for head in self.mtp:
+            nn.init.normal_(head.proj.weight, 0.0, hidden_std)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.rotary_emb.reset_parameters()
+
+    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h)
+        if self.width_mult != 1.0:
+            logits = logits / self.width_mult
+        if self.cfg.logit_softcap is not None:
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        loss_normalizer: float | None = None,
+    ) -> ModelOutput:
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rotary_emb(position_ids)
+        mask = build_mask(doc_ids, self.cfg.attention, input_ids.device)  # once, shared by every layer
+
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        logits = self.output_logits(self.norm(x))
+        if labels is None:
+            return ModelOutput(logits)
+
+        loss, metrics = compute_loss(
+            logits,
+            labels,
+            label_smoothing=self.cfg.loss.label_smoothing,
+            z_loss_weight=self.cfg.loss.z_loss_weight,
+            mtp_logits=[self.output_logits(head(x)) for head in self.mtp],
+            mtp_weight=self.cfg.mtp_weight,
+            doc_ids=doc_ids,
+            loss_normalizer=loss_normalizer,
+        )
+        return ModelOutput(logits, loss, metrics)
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Param groups with `lr_scale`: hidden matrices get 1/m under muP (Adam rule), the rest 1.0.
+        Embeddings, norm gains and biases are not decayed; lm_head is (when untied)."""
+        buckets: dict[str, list[nn.Parameter]] = {"hidden": [], "output": [], "embeddings": [], "norms": []}
+        for name, p in self.named_parameters():  # a tied lm_head appears once, as embed_tokens
+            if not p.requires_grad:
+                continue
+            if name.endswith("embed_tokens.weight"):
+                buckets["embeddings"].append(p)
+            elif name.endswith("lm_head.weight"):
+                buckets["output"].append(p)
+            elif p.ndim < 2:
+                buckets["norms"].append(p)
+            else:
+                buckets["hidden"].append(p)
+        settings = {
+            "hidden": (weight_decay, 1.0 / self.width_mult),
+            "output": (weight_decay, 1.0),
+            "embeddings": (0.0, 1.0),
+            "norms": (0.0, 1.0),
+        }
+        return [
+            {"name": name, "params": params, "weight_decay": settings[name][0], "lr_scale": settings[name][1]}
+            for name, params in buckets.items()
+            if params
+        ]
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= self.embed_tokens.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
