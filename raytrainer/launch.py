@@ -1,0 +1,142 @@
+"""The job driver: checks everything that can be checked before a GPU-hour is spent, then runs Ray Train.
+
+Order matters: config (already validated) -> Ray -> storage preflight -> dataset validation ->
+capacity check -> guardian actor -> TorchTrainer.fit(). Any failure before fit() names what is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from raytrainer.config import Config, ConfigError, to_dict
+
+log = logging.getLogger("raytrainer.launch")
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Read by the Ray Train controller: a worker group that cannot be placed fails with a reason
+    # after this long instead of waiting forever.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(cfg.parallel.worker_start_timeout_s)))
+    address = cfg.run.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # A 2-core laptop still needs room for Ray Data tasks beside the training workers.
+        ray.init(num_cpus=max(cfg.run.local_num_cpus, os.cpu_count() or 1), include_dashboard=False)
+
+
+def check_capacity(cfg: Config, autoscaling: bool) -> None:
+    """Fail fast when the cluster can never host parallel.min_workers.
+
+    A local Ray (or a fixed cluster) cannot grow, so a shortfall is an error now rather than a silent
+    wait; on an autoscaling cluster it is a warning, and nodes are expected to join.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    need_gpu = cfg.parallel.min_workers if cfg.parallel.use_gpu else 0
+    need_cpu = cfg.parallel.min_workers * cfg.parallel.cpus_per_worker
+    have_gpu, have_cpu = total.get("GPU", 0), total.get("CPU", 0)
+    if need_gpu <= have_gpu and need_cpu <= have_cpu:
+        return
+    message = (
+        f"parallel.min_workers={cfg.parallel.min_workers} needs {need_cpu:g} CPUs and {need_gpu} GPUs "
+        f"(parallel.cpus_per_worker={cfg.parallel.cpus_per_worker}, parallel.use_gpu={cfg.parallel.use_gpu}), "
+        f"but this Ray cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs"
+    )
+    if not autoscaling:
+        raise ConfigError(message + ": lower parallel.min_workers or add nodes")
+    log.warning("%s; waiting for the autoscaler to add nodes", message)
+
+
+def absolute_local_paths(cfg: Config) -> Config:
+    """Workers do not share the driver's working directory: hand them absolute local paths."""
+    from raytrainer.data.fs import is_local
+
+    updates = {}
+    if is_local(cfg.data.path):
+        updates["data"] = cfg.data.model_copy(update={"path": os.path.abspath(cfg.data.path)})
+    if is_local(cfg.checkpoint.storage):
+        updates["checkpoint"] = cfg.checkpoint.model_copy(update={"storage": os.path.abspath(cfg.checkpoint.storage)})
+    return cfg.model_copy(update=updates)
+
+
+def ensure_sample_data(cfg: Config) -> None:
+    """The default job trains on the sample corpus; build it on first use (seconds, nothing downloaded)."""
+    from raytrainer.config import DataConfig
+    from raytrainer.data.fs import is_local
+
+    default_path = os.path.abspath(DataConfig().path)
+    manifest = os.path.join(cfg.data.path, "manifest.json")
+    if cfg.data.path != default_path or not is_local(cfg.data.path) or os.path.exists(manifest):
+        return
+    from raytrainer.data.sample_corpus import make_sample_dataset
+
+    log.info("no dataset at %s: building the sample corpus from the Python standard library", cfg.data.path)
+    make_sample_dataset(cfg.data.path, tokenizer=cfg.data.tokenizer)
+
+
+def build_trainer(cfg: Config, storage_path: str, storage_filesystem: Any):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raytrainer.train.ray_entry import train_fn
+
+    p = cfg.parallel
+    workers = p.min_workers if p.min_workers == p.max_workers else (p.min_workers, p.max_workers)
+    scaling = ray.train.ScalingConfig(
+        num_workers=workers,
+        use_gpu=p.use_gpu,
+        resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if p.use_gpu else {})},
+        **({"elastic_resize_monitor_interval_s": p.elastic_resize_interval_s} if isinstance(workers, tuple) else {}),
+    )
+    backend = p.backend if p.backend != "auto" else ("nccl" if p.use_gpu else "gloo")
+    run_config = ray.train.RunConfig(
+        name=cfg.run.name,
+        storage_path=storage_path,
+        storage_filesystem=storage_filesystem,
+        failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+    )
+    return TorchTrainer(
+        train_fn,
+        train_loop_config={"config": to_dict(cfg)},
+        scaling_config=scaling,
+        run_config=run_config,
+        torch_config=TorchConfig(backend=backend),
+    )
+
+
+def run(cfg: Config) -> dict:
+    """Run (or resume) the job described by cfg on the current or a local Ray cluster."""
+    from raytrainer.data.validate import validate_data_config
+    from raytrainer.fault.guardian_actor import start_guardian, stop_guardian
+    from raytrainer.storage import open_storage, preflight
+
+    cfg = absolute_local_paths(cfg)
+    init_ray(cfg)
+    preflight(cfg.checkpoint.storage, cfg.checkpoint.s3)
+    ensure_sample_data(cfg)
+    report = validate_data_config(cfg.data, model_vocab_size=cfg.model.vocab_size)
+    if report.skipped:
+        log.warning("data: skipping %d bad shards (data.on_bad_shard=skip): %s", len(report.skipped),
+                    "; ".join(f"{s.path}: {s.reason}" for s in report.skipped[:5]))
+    check_capacity(cfg, autoscaling=bool(cfg.run.address or os.environ.get("RAY_ADDRESS")))
+    if cfg.guardian.enabled:
+        start_guardian(cfg)
+    storage = open_storage(cfg.checkpoint.storage, cfg.checkpoint.s3)
+    trainer = build_trainer(cfg, storage.root, storage.fs)
+    log.info("training %s: %d steps on %d..%d %s workers (%s)", cfg.run.name, cfg.train.steps,
+             cfg.parallel.min_workers, cfg.parallel.max_workers,
+             "GPU" if cfg.parallel.use_gpu else "CPU", cfg.parallel.strategy)
+    try:
+        result = trainer.fit()
+    finally:
+        if cfg.guardian.enabled:
+            stop_guardian(cfg.run.name)  # flushes the events log
+    return {"metrics": result.metrics, "checkpoint": str(result.checkpoint.path) if result.checkpoint else None}

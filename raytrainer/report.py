@@ -1,0 +1,91 @@
+"""What happened in a run: its checkpoints and the guardian's decisions (`raytrainer report | inspect`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raytrainer.config import S3Config
+from raytrainer.fault.checkpoint_store import CheckpointStore
+from raytrainer.fault.events import RunStore, read_events
+from raytrainer.storage import open_filesystem
+
+
+def split_run_url(run_url: str) -> tuple[str, str]:
+    """`<checkpoint.storage>/<run.name>` -> (storage, run name)."""
+    run_url = run_url.rstrip("/")
+    if "/" not in run_url:
+        raise ValueError(f"--run {run_url!r}: expected <checkpoint.storage>/<run.name>, e.g. runs/tiny")
+    storage, name = run_url.rsplit("/", 1)
+    return storage, name
+
+
+def open_run(run_url: str, s3: S3Config | None = None) -> tuple[CheckpointStore, RunStore]:
+    storage, name = split_run_url(run_url)
+    store = CheckpointStore(storage, name, s3)
+    fs, path = open_filesystem(f"{run_url}/guardian", s3)
+    return store, RunStore(fs, path)
+
+
+def run_report(run_url: str, s3: S3Config | None = None) -> dict[str, Any]:
+    store, guardian_store = open_run(run_url, s3)
+    checkpoints = store.list()
+    latest = store.latest_complete()
+    state = store.read_json(latest, "trainer_state.json") if latest is not None else None
+    events = read_events(guardian_store)
+    decisions = [e for e in events if e.get("event") in ("skip", "rollback", "abort")]
+    return {
+        "run": run_url,
+        "latest_complete": latest,
+        "checkpoints": [
+            {"step": c.step, "complete": c.complete, "world_size": c.world_size, "pinned": c.pinned,
+             "where": c.location, "problems": c.problems}
+            for c in checkpoints
+        ],
+        "last_metrics": (state or {}).get("metrics", {}),
+        "cursor": (state or {}).get("cursor"),
+        "guardian_events": events,
+        "interventions": {a: sum(1 for e in decisions if e["event"] == a) for a in ("skip", "rollback", "abort")},
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"run {report['run']}", f"latest complete checkpoint: {report['latest_complete']}"]
+    for c in report["checkpoints"]:
+        status = "complete" if c["complete"] else "INCOMPLETE (" + "; ".join(c["problems"][:2]) + ")"
+        pin = " pinned" if c["pinned"] else ""
+        lines.append(f"  step {c['step']:>8}  {status}  world {c['world_size']}{pin}  [{c['where']}]")
+    m = report["last_metrics"]
+    if m:
+        lines.append(f"last step {m.get('step')}: loss {m.get('loss')}, grad norm {m.get('grad_norm')}")
+    iv = report["interventions"]
+    lines.append(f"guardian: {iv['skip']} skips, {iv['rollback']} rollbacks, {iv['abort']} aborts")
+    for e in report["guardian_events"]:
+        if e.get("event") in ("skip", "rollback", "abort"):
+            lines.append(f"  step {e.get('step')}: {e['event']} - {e.get('reason', '')}")
+    return "\n".join(lines)
+
+
+def inspect_checkpoint(run_url: str, step: int | None = None, s3: S3Config | None = None,
+                       verify: bool = False) -> dict[str, Any]:
+    store, _ = open_run(run_url, s3)
+    if step is None:
+        step = store.latest_complete()
+        if step is None:
+            return {"run": run_url, "complete": False, "problem": "no complete checkpoint in this run"}
+    info = next((c for c in store.list() if c.step == step), None)
+    if info is None:
+        return {"run": run_url, "step": step, "complete": False, "problem": f"no checkpoint at step {step}"}
+    out: dict[str, Any] = {"run": run_url, "step": step, "complete": info.complete,
+                           "world_size": info.world_size, "problems": info.problems}
+    if info.complete:
+        records = store.records(step)
+        out["files"] = {name: meta["size"] for r in records.values() for name, meta in r.files.items()}
+        out["bytes"] = sum(out["files"].values())
+        state = store.read_json(step, "trainer_state.json")
+        out["trainer_state"] = {k: state.get(k) for k in ("step", "cursor", "metrics", "world_size", "strategy")}
+        if verify:
+            v = store.verify(step, full=True)
+            out["verified"] = v.ok
+            out["problems"] = v.problems
+            out["complete"] = v.ok
+    return out

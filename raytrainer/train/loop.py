@@ -1,0 +1,260 @@
+"""The per-worker training loop: the algorithm, with Ray and storage kept behind small interfaces.
+
+    restore the latest healthy checkpoint (or start fresh)
+    for each global step:
+        take this rank's micro-batches of the global batch
+        forward + backward (accumulated), global loss and pre-clip grad norm
+        ask the guardian: continue | skip | roll back | abort
+        apply (or skip) the optimizer step
+        log; checkpoint when due
+
+`raytrainer.train.ray_entry` builds a Trainer inside a Ray Train worker; tests build one in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from raytrainer.config import Config
+from raytrainer.fault.guardian import Decision
+from raytrainer.train.checkpointing import CheckpointManager, TrainerState
+from raytrainer.train.engine import StepEngine, StepStats
+from raytrainer.train.metrics import Throughput
+
+log = logging.getLogger("raytrainer.train")
+
+
+class GuardianAbort(RuntimeError):
+    """The guardian gave up on the run; its message is the incident report."""
+
+
+class Guardian(Protocol):
+    def decide(self, step: int, stats: StepStats, cursor: dict, *, lr: float | None = None,
+               batch: int | None = None) -> Decision: ...
+    def on_checkpoint(self, step: int) -> None: ...
+    def skipped_ranges(self) -> list[tuple[int, int]]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class NoGuardian:
+    """guardian.enabled=false: never intervenes, but a non-finite step is still never applied."""
+
+    def decide(self, step: int, stats: StepStats, cursor: dict, *, lr: float | None = None,
+               batch: int | None = None) -> Decision:
+        if not stats.finite:
+            return Decision("skip", f"non-finite loss/grad at step {step}")
+        return Decision()
+
+    def skipped_ranges(self) -> list[tuple[int, int]]:
+        return []
+
+    def on_checkpoint(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class WorkerEnv:
+    """What the loop needs from its surroundings (Ray Train, or a test)."""
+
+    rank: int = 0
+    world_size: int = 1
+    report: Callable[[dict], None] = lambda metrics: None  # metrics to the driver / Ray
+    broadcast: Callable[[Any], Any] = lambda obj: obj  # rank 0's object to every rank
+    hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)  # fault-injection hooks (tests)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        env: WorkerEnv,
+        engine: StepEngine,
+        feed_factory: Callable[[dict | None], Any],
+        checkpoints: CheckpointManager,
+        guardian: Guardian,
+        injector: Any = None,
+        watchdog: Any = None,
+    ):
+        self.cfg = cfg
+        self.env = env
+        self.engine = engine
+        self.feed_factory = feed_factory
+        self.checkpoints = checkpoints
+        self.guardian = guardian
+        self.injector = injector
+        self.watchdog = watchdog
+        self.feed: Any = None
+        self.history: list[dict] = []  # one record per step on this rank, for tests and reports
+        self.last_checkpoint_time = time.monotonic()
+        self.throughput = Throughput(cfg, env.world_size)
+
+    # ------------------------------------------------------------------ the algorithm
+
+    def fit(self) -> dict:
+        step = self.restore()
+        while step < self.cfg.train.steps:
+            step = self.train_step(step)
+        self.save(step, final=True)
+        self.checkpoints.wait()
+        return {"step": step, "history": self.history}
+
+    def train_step(self, step: int) -> int:
+        """Run global step `step`; return the next step to run (smaller after a rollback)."""
+        with self._watch(step):
+            micro_batches = self.feed.next_step()
+            if self.injector is not None:
+                micro_batches = self.injector.before_forward(step, micro_batches)
+            stats = self.engine.forward_backward(micro_batches, step)
+            decision = self.decide(step, stats)
+
+        if decision.action == "abort":
+            raise GuardianAbort(decision.reason)
+        if decision.action == "rollback":
+            return self.rollback(step, decision)
+        applied = self.engine.apply(skip=decision.action == "skip", lr_factor=decision.lr_factor)
+        self.record(step, stats, decision, applied)
+        step += 1
+        if self.checkpoint_due(step):
+            self.save(step)
+        return step
+
+    # ------------------------------------------------------------------ pieces
+
+    def decide(self, step: int, stats: StepStats) -> Decision:
+        # One guardian round trip per step, from rank 0; every rank acts on the same decision.
+        decision = None
+        if self.env.rank == 0:
+            decision = self.guardian.decide(step, stats, self.feed.cursor(), lr=self.engine.current_lr,
+                                            batch=self.feed.batch_index)
+        decision = self.env.broadcast(decision)
+        if decision.action != "continue":
+            log.warning("step %d: guardian says %s (%s)", step, decision.action, decision.reason)
+        return decision
+
+    def rollback(self, step: int, decision: Decision) -> int:
+        target = decision.rollback_to
+        log.warning("step %d: rolling back in place to checkpoint step %s, skipping global batches %s",
+                    step, target, decision.skip_range)
+        self.engine.zero_grad()
+        self.checkpoints.wait()
+        # Checkpoints after the target belong to the abandoned branch: a later crash must not resume there.
+        self.checkpoints.discard_after(target)
+        state = self.checkpoints.load(target, self.engine)
+        self.feed = self.feed_factory(state.cursor)
+        # The checkpoint's cursor predates ranges the guardian added since, so apply all of them.
+        for start, end in decision.skip_ranges or ([decision.skip_range] if decision.skip_range else []):
+            self.feed.skip_batches(start, end)
+        # The guardian's own state stays the live one (it knows about this rollback); only the
+        # model, optimizer, schedule and data position go back.
+        self.history.append({"step": step, "action": "rollback", "to": target, "skip": decision.skip_range})
+        return state.step
+
+    def restore(self) -> int:
+        state = self.checkpoints.load_latest(self.engine)
+        if state is None:
+            self.feed = self.feed_factory(None)
+            step = 0
+        else:
+            self.guardian.load_state_dict(state.guardian)
+            self.feed = self.feed_factory(state.cursor)
+            step = state.step
+        # The live guardian may know of skipped windows newer than the checkpoint (a rollback, then a
+        # crash before the next save): every rank applies them, so no restart replays a skipped window.
+        ranges = self.env.broadcast(self.guardian.skipped_ranges() if self.env.rank == 0 else None)
+        for start, end in ranges or []:
+            self.feed.skip_batches(start, end)
+        log.info("rank %d: %s at step %d", self.env.rank, "resumed" if state else "starting fresh", step)
+        return step
+
+    def checkpoint_due(self, step: int) -> bool:
+        ck = self.cfg.checkpoint
+        if step >= self.cfg.train.steps:
+            return False  # the final checkpoint is written by fit()
+        by_steps = ck.every_steps is not None and step % ck.every_steps == 0
+        by_time = False
+        if ck.every_minutes is not None and self.env.rank == 0:
+            by_time = time.monotonic() - self.last_checkpoint_time >= ck.every_minutes * 60
+        if ck.every_minutes is not None:
+            by_time = bool(self.env.broadcast(by_time))  # every rank must agree to enter the save
+        return by_steps or by_time
+
+    def save(self, step: int, final: bool = False) -> None:
+        state = TrainerState(
+            step=step,
+            cursor=self.feed.cursor(),
+            guardian=self.guardian.state_dict() if self.env.rank == 0 else {},
+            metrics=self.history[-1] if self.history else {},
+        )
+        self.checkpoints.save(state, self.engine, final=final)
+        if self.env.rank == 0:
+            self.guardian.on_checkpoint(step)
+        self.last_checkpoint_time = time.monotonic()
+
+    def record(self, step: int, stats: StepStats, decision: Decision, applied: bool) -> None:
+        rate = self.throughput.update(stats.tokens, stats.time_s)
+        entry = {
+            "step": step,
+            "loss": stats.loss,
+            "grad_norm": stats.grad_norm,
+            "lr": self.engine.current_lr,
+            "tokens": stats.tokens,
+            "action": decision.action,
+            "applied": applied,
+            **rate,
+        }
+        self.history.append(entry)
+        if step % self.cfg.train.log_every == 0 or decision.action != "continue" or step == self.cfg.train.steps - 1:
+            if self.env.rank == 0:
+                log.info(
+                    "step %5d/%d  loss %.4f  ppl %.1f  gnorm %.3f  lr %.2e  tok/s %.0f  mfu %.1f%%%s",
+                    step, self.cfg.train.steps, stats.loss, _ppl(stats.loss), stats.grad_norm,
+                    entry["lr"], rate.get("tokens_per_s", 0.0), 100 * rate.get("mfu", 0.0),
+                    "" if decision.action == "continue" else f"  [{decision.action}: {decision.reason}]",
+                )
+            self.env.report(entry)
+
+    def _watch(self, step: int):
+        if self.watchdog is None:
+            return _nullcontext()
+        return self.watchdog.step(step)
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 30.0)) if math.isfinite(loss) else float("nan")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def set_worker_threads(cfg: Config, local_world_size: int) -> None:
+    """Each worker gets its share of the cores, or 2 workers on 2 cores fight over 4 threads."""
+    import os
+
+    threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    torch.set_num_threads(threads)
+
+
+def default_staging_dir(run_name: str, rank: int) -> Path:
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "raytrainer" / run_name / f"rank-{rank:05d}"

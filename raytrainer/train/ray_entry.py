@@ -1,0 +1,86 @@
+"""The Ray Train worker function: where Ray meets the loop (get_context, report, the guardian handle)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from raytrainer.config import Config
+from raytrainer.train.loop import NoGuardian, Trainer, WorkerEnv, set_worker_threads
+
+log = logging.getLogger("raytrainer.train")
+
+
+def broadcast_from_rank0(obj):
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=None, store=None) -> Trainer:
+    """Everything one worker needs, from the config alone (plus its place in the world)."""
+    from raytrainer.data.feed import DataFeed
+    from raytrainer.fault.injection import FaultInjector
+    from raytrainer.fault.watchdog import StepWatchdog
+    from raytrainer.model import Transformer
+    from raytrainer.train.checkpointing import CheckpointManager
+    from raytrainer.train.engine import StepEngine
+    from raytrainer.train.strategies import build_strategy
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every strategy
+    model = Transformer(cfg.model)
+    strategy = build_strategy(cfg, model, env.rank, env.world_size, device)
+    engine = StepEngine(strategy.model, cfg, strategy)
+    checkpoints = CheckpointManager(cfg, env, store=store)
+
+    def feed_factory(cursor: dict | None) -> DataFeed:
+        return DataFeed(cfg, cfg.data.path, env.rank, env.world_size, cursor=cursor)
+
+    injector = FaultInjector(cfg, env.rank, hooks=env.hooks, model=strategy.model) if cfg.faults else None
+    watchdog = StepWatchdog(cfg.guardian.step_timeout_s, env.rank) if cfg.guardian.enabled else None
+    return Trainer(
+        cfg,
+        env,
+        engine,
+        feed_factory,
+        checkpoints,
+        guardian or NoGuardian(),
+        injector=injector,
+        watchdog=watchdog,
+    )
+
+
+def train_fn(loop_config: dict) -> None:
+    """Ray Train `train_loop_per_worker`."""
+    import ray.train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = Config.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    set_worker_threads(cfg, ctx.get_local_world_size())
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.parallel.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    def report(metrics: dict) -> None:
+        # A report is a barrier in Ray Train V2, so every rank calls it at the same steps.
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float | str)})
+
+    env = WorkerEnv(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        report=report,
+        broadcast=broadcast_from_rank0,
+    )
+    guardian = None
+    if cfg.guardian.enabled and env.rank == 0:
+        from raytrainer.fault.guardian_actor import GuardianClient
+
+        guardian = GuardianClient.connect(cfg.run.name)
+    trainer = build_trainer(cfg, env, device, guardian=guardian)
+    result = trainer.fit()
+    log.info("rank %d finished at step %d", env.rank, result["step"])

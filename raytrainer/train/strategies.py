@@ -1,0 +1,69 @@
+"""Choose the strategy named in the config, and read any strategy's checkpoint back in one process."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raytrainer.config import Config
+from raytrainer.train.strategy import DDPStrategy, SingleProcess, Strategy, distributed
+
+log = logging.getLogger("raytrainer.train")
+
+
+def build_strategy(cfg: Config, model: nn.Module, rank: int, world_size: int,
+                   device: torch.device) -> Strategy:
+    from raytrainer.train.engine import prepare_model
+
+    model = prepare_model(model, cfg)
+    name = cfg.parallel.strategy
+    if name == "fsdp":
+        from raytrainer.train.fsdp import FSDPStrategy
+
+        ensure_process_group(rank, world_size, device)
+        return FSDPStrategy(cfg, model, rank, world_size, device)
+    if name == "deepspeed":
+        from raytrainer.train.deepspeed_strategy import DeepSpeedStrategy
+
+        ensure_process_group(rank, world_size, device)
+        return DeepSpeedStrategy(cfg, model, rank, world_size, device)
+    if distributed():
+        return DDPStrategy(cfg, model, rank, world_size, device)
+    return SingleProcess(cfg, model, rank, world_size, device)
+
+
+def ensure_process_group(rank: int, world_size: int, device: torch.device) -> None:
+    """FSDP and DeepSpeed shard over a process group even when there is one rank: give a lone process
+    its own (an in-memory store, no port); several ranks must have initialised theirs already."""
+    if dist.is_initialized():
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise RuntimeError(f"the process group is rank {dist.get_rank()} of {dist.get_world_size()}, "
+                               f"but the strategy was asked for rank {rank} of {world_size}")
+        return
+    if world_size != 1:
+        raise RuntimeError(f"rank {rank} of {world_size}: torch.distributed is not initialised; the launcher "
+                           "(Ray Train, torchrun) must create the process group before the strategy")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    log.info("created a single-rank %s process group", backend)
+
+
+def load_full_state_dict(cfg: Config, model: nn.Module, directory: str | Path, use_ema: bool = False) -> dict:
+    """The whole model's weights from a checkpoint's model/ directory, in one process."""
+    from raytrainer.train.strategy import load_dcp_model_state
+
+    if cfg.parallel.strategy == "deepspeed":
+        from raytrainer.train.deepspeed_strategy import load_full_state_dict as load_deepspeed
+
+        return load_deepspeed(directory, use_ema=use_ema)
+    if use_ema:
+        import torch.distributed.checkpoint as dcp
+
+        state = {"ema": {n: p.detach().float().clone() for n, p in model.named_parameters()}}
+        dcp.load(state, checkpoint_id=str(directory))
+        return {**model.state_dict(), **state["ema"]}
+    return load_dcp_model_state(model, directory)

@@ -1,0 +1,30 @@
+"""Small end-to-end runs for the loop, Ray and fault tests: a micro model on a small prepared dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raytrainer.config import Config, load_config
+
+MICRO = [
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.multiple_of=32",
+    "model.max_seq_len=128", "train.seq_len=64", "train.global_batch_tokens=1024", "train.micro_batch_size=4",
+    "schedule.warmup_steps=5", "optim.lr=3e-3", "train.log_every=5",
+    "checkpoint.keep_last=10", "checkpoint.every_steps=10",
+    "guardian.warmup_exempt_steps=5", "guardian.min_window=8", "guardian.window=16",
+]
+
+
+def make_dataset(root: Path) -> Path:
+    """About 300k byte tokens of the sample corpus, prepared in-process (no Ray) in a few seconds."""
+    from raytrainer.data.sample_corpus import make_sample_dataset
+
+    out = root / "dataset"
+    if not (out / "manifest.json").exists():
+        make_sample_dataset(str(out), max_bytes=300_000, shard_tokens=1 << 16, use_ray=False)
+    return out
+
+
+def micro_config(dataset: Path, storage: str, name: str = "micro", steps: int = 40, extra: list[str] = ()) -> Config:
+    return load_config("tiny", [*MICRO, f"data.path={dataset}", f"checkpoint.storage={storage}",
+                                f"run.name={name}", f"train.steps={steps}", *extra])
