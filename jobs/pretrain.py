@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     from raytrainer.launch import run
 
     result = run(cfg)
-    print(f"done: {result}")
+    m = result["metrics"]
+    print(f"done: {result['run']} at step {result['step']}, loss {m.get('loss', float('nan')):.4f}; "
+          f"checkpoint {result['checkpoint']}")
     return 0
 
 

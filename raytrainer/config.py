@@ -177,6 +177,7 @@ class DataConfig(Section):
     on_bad_shard: Literal["fail", "skip"] = "fail"
     prefetch_batches: int = Field(4, ge=0)
     epoch_warning: int = Field(4, gt=0)  # warn when a source is repeated past this many epochs
+    shuffle_window_shards: int = Field(16, gt=0)  # an epoch shuffles documents within windows of N shards
     phases: list[Phase] = [Phase()]
     s3: S3Config = S3Config()
 
@@ -204,6 +205,7 @@ class ParallelConfig(Section):
     max_workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    extra_resources: dict[str, float] = {}  # custom Ray resources per worker, e.g. {"trainer_slot": 1}
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False

@@ -1,6 +1,6 @@
 """The job driver: checks everything that can be checked before a GPU-hour is spent, then runs Ray Train.
 
-Order matters: config (already validated) -> Ray -> storage preflight -> dataset validation ->
+Order matters: config (already validated) -> storage preflight -> Ray -> dataset validation ->
 capacity check -> guardian actor -> TorchTrainer.fit(). Any failure before fit() names what is wrong.
 """
 
@@ -93,7 +93,7 @@ def build_trainer(cfg: Config, storage_path: str, storage_filesystem: Any):
     scaling = ray.train.ScalingConfig(
         num_workers=workers,
         use_gpu=p.use_gpu,
-        resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if p.use_gpu else {})},
+        resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if p.use_gpu else {}), **p.extra_resources},
         **({"elastic_resize_monitor_interval_s": p.elastic_resize_interval_s} if isinstance(workers, tuple) else {}),
     )
     backend = p.backend if p.backend != "auto" else ("nccl" if p.use_gpu else "gloo")
@@ -119,8 +119,8 @@ def run(cfg: Config) -> dict:
     from raytrainer.storage import open_storage, preflight
 
     cfg = absolute_local_paths(cfg)
+    preflight(cfg.checkpoint.storage, cfg.checkpoint.s3)  # seconds, and before any cluster work
     init_ray(cfg)
-    preflight(cfg.checkpoint.storage, cfg.checkpoint.s3)
     ensure_sample_data(cfg)
     report = validate_data_config(cfg.data, model_vocab_size=cfg.model.vocab_size)
     if report.skipped:
@@ -139,4 +139,17 @@ def run(cfg: Config) -> dict:
     finally:
         if cfg.guardian.enabled:
             stop_guardian(cfg.run.name)  # flushes the events log
-    return {"metrics": result.metrics, "checkpoint": str(result.checkpoint.path) if result.checkpoint else None}
+    if result.error is not None:
+        raise result.error
+    return summarize(cfg)
+
+
+def summarize(cfg: Config) -> dict:
+    """Where the run ended, from its own checkpoint store (the record of truth)."""
+    from raytrainer.fault.checkpoint_store import CheckpointStore
+
+    store = CheckpointStore(cfg.checkpoint.storage, cfg.run.name, cfg.checkpoint.s3)
+    step = store.latest_complete()
+    state = store.read_json(step, "trainer_state.json") if step is not None else {}
+    return {"run": cfg.run.name, "checkpoint": store.step_url(step) if step is not None else None,
+            "step": step, "metrics": state.get("metrics", {})}

@@ -102,11 +102,12 @@ class Trainer:
         self.history: list[dict] = []  # one record per step on this rank, for tests and reports
         self.last_checkpoint_time = time.monotonic()
         self.throughput = Throughput(cfg, env.world_size)
+        self.start_step = 0
 
     # ------------------------------------------------------------------ the algorithm
 
     def fit(self) -> dict:
-        step = self.restore()
+        step = self.start_step = self.restore()
         while step < self.cfg.train.steps:
             step = self.train_step(step)
         self.save(step, final=True)
@@ -215,6 +216,7 @@ class Trainer:
             "tokens": stats.tokens,
             "action": decision.action,
             "applied": applied,
+            "start_step": self.start_step,  # where this attempt began: shows resumes in reports
             **rate,
         }
         self.history.append(entry)

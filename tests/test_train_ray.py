@@ -1,0 +1,203 @@
+"""The trainer on real Ray clusters: checkpoints on a real S3 server, resume, a killed worker, capacity and
+storage preflight errors, elastic shrink and grow when nodes leave and join, and `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from raytrainer.config import ConfigError
+from raytrainer.fault.checkpoint_store import CheckpointStore
+from raytrainer.storage import StorageError
+from runs import make_dataset, micro_config
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ray-data"))
+
+
+@pytest.fixture
+def local_ray():
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
+    yield
+    ray.shutdown()
+
+
+def s3_overrides(server) -> list[str]:
+    return [f"checkpoint.s3.endpoint_url={server.endpoint_url}", f"checkpoint.s3.access_key_id={server.access_key}",
+            f"checkpoint.s3.secret_access_key={server.secret_key}", "checkpoint.s3.region=us-east-1"]
+
+
+def test_two_workers_checkpoint_to_s3_and_resume(dataset, s3_server, s3_url, local_ray):
+    from raytrainer.launch import run
+
+    extra = [*s3_overrides(s3_server), "parallel.min_workers=1", "parallel.max_workers=2"]
+    first = run(micro_config(dataset, s3_url, name="s3run", steps=20, extra=extra))
+    assert first["step"] == 20 and first["checkpoint"].startswith("s3://")
+    store = CheckpointStore(s3_url, "s3run", s3_server.s3_config())
+    assert store.steps() == [10, 20]
+    assert {c.world_size for c in store.list()} == {2}
+    assert store.verify(20, full=True).ok
+    ray.shutdown()
+    second = run(micro_config(dataset, s3_url, name="s3run", steps=30, extra=extra))
+    assert second["step"] == 30
+    assert second["metrics"]["start_step"] == 20  # resumed from the checkpoint, not from scratch
+
+
+def test_killed_worker_resumes_from_last_checkpoint(dataset, tmp_path, local_ray):
+    from raytrainer.launch import run
+
+    cfg = micro_config(dataset, str(tmp_path), name="crash", steps=30,
+                       extra=["parallel.min_workers=2", "parallel.max_workers=2",
+                              "faults=[{step: 15, kind: crash, rank: 1}]"])
+    t0 = time.monotonic()
+    result = run(cfg)
+    assert result["step"] == 30
+    assert result["metrics"]["start_step"] == 10  # the attempt after the crash began at the last checkpoint
+    assert 15 - 10 <= cfg.checkpoint.every_steps  # steps lost never exceed the checkpoint interval
+    assert time.monotonic() - t0 < 300
+
+
+def test_more_workers_than_the_cluster_can_ever_have_fails_fast(dataset, tmp_path, local_ray):
+    from raytrainer.launch import run
+
+    cfg = micro_config(dataset, str(tmp_path), name="toobig", steps=5,
+                       extra=["parallel.min_workers=4", "parallel.max_workers=4", "parallel.cpus_per_worker=4",
+                              "run.local_num_cpus=8"])
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="parallel.min_workers=4 needs 16 CPUs.*has 8 CPUs"):
+        run(cfg)
+    assert time.monotonic() - t0 < 60
+
+
+def test_unreachable_storage_fails_before_training(dataset):
+    from raytrainer.launch import run
+
+    cfg = micro_config(dataset, "s3://nowhere/runs", name="nostorage", steps=5,
+                       extra=["checkpoint.s3.endpoint_url=http://127.0.0.1:9", "checkpoint.s3.access_key_id=a",
+                              "checkpoint.s3.secret_access_key=b"])
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match="s3://nowhere/runs"):
+        run(cfg)
+    assert time.monotonic() - t0 < 30
+    assert not ray.is_initialized()  # nothing was started
+
+
+def _pretrain_cmd(dataset, storage, name, address, extra=()) -> list[str]:
+    args = [sys.executable, str(REPO / "jobs" / "pretrain.py"), "--config", "tiny"]
+    from runs import MICRO
+
+    for item in [*MICRO, f"data.path={dataset}", f"checkpoint.storage={storage}", f"run.name={name}",
+                 f"run.address={address}", *extra]:
+        args += ["--set", item]
+    return args
+
+
+def _checkpoint_worlds(store: CheckpointStore) -> list[tuple[int, int]]:
+    try:
+        return [(c.step, c.world_size) for c in store.list() if c.complete]
+    except Exception:
+        return []
+
+
+def _wait_for(predicate, timeout_s: float, what: str, proc=None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the job exited with {proc.returncode} while waiting for {what}")
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def test_elastic_shrink_when_a_node_leaves_and_grow_when_it_returns(dataset, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    slot = {"num_cpus": 2, "resources": {"trainer_slot": 1}}
+    cluster.add_node(**slot)
+    leaving = cluster.add_node(**slot)
+    cluster.wait_for_nodes()
+    store = CheckpointStore(str(tmp_path), "elastic")
+    env = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20", "PYTHONUNBUFFERED": "1"}
+    log_file = open(tmp_path / "job.log", "w")
+    proc = subprocess.Popen(
+        _pretrain_cmd(dataset, tmp_path, "elastic", cluster.address,
+                      ["train.steps=100000", "checkpoint.every_steps=5", "parallel.min_workers=1",
+                       "parallel.max_workers=2", "parallel.elastic_resize_interval_s=5",
+                       "parallel.extra_resources={trainer_slot: 1}", "parallel.max_failures=-1"]),
+        stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+    )
+    try:
+        _wait_for(lambda: [s for s, w in _checkpoint_worlds(store) if w == 2], 180, "a 2-worker checkpoint", proc)
+        cluster.remove_node(leaving)
+        before = max(s for s, _ in _checkpoint_worlds(store))
+        shrunk = _wait_for(lambda: [s for s, w in _checkpoint_worlds(store) if w == 1 and s > before], 180,
+                           "a 1-worker checkpoint after the node left", proc)
+        cluster.add_node(**slot)
+        _wait_for(lambda: [s for s, w in _checkpoint_worlds(store) if w == 2 and s > max(shrunk)], 180,
+                  "a 2-worker checkpoint after the node came back", proc)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log_file.close()
+        cluster.shutdown()
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head` on loopback with token authentication, as on a real cluster."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    port, dashboard = _free_port(), _free_port()
+    subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=8", "--include-dashboard=true",
+                    f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={tmp_path}/ray"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_job_submission_runs_the_default_job(dataset, tmp_path, ray_head, monkeypatch):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    client = JobSubmissionClient(ray_head)
+    entrypoint = " ".join(_pretrain_cmd(dataset, tmp_path, "submitted", "auto", ["train.steps=10"]))
+    job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO), "excludes": [
+        ".venv", ".git", "runs", "data", "bench/results", "**/__pycache__"]})
+    deadline = time.monotonic() + 300
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
+        time.sleep(2)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    store = CheckpointStore(str(tmp_path), "submitted")
+    assert store.latest_complete() == 10 and store.verify(10, full=True).ok
+    state = json.loads((tmp_path / "submitted" / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())
+    assert state["step"] == 10 and state["cursor"]["step"] == 10
