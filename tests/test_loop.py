@@ -132,3 +132,35 @@ def test_aborts_when_rollbacks_are_exhausted(dataset, tmp_path):
                               "guardian.max_rollbacks=0"])
     with pytest.raises(GuardianAbort, match="rollback"):
         train(cfg)
+
+
+@pytest.mark.slow
+def test_s3_outage_during_a_save_loses_nothing_already_written(dataset, s3_server, s3_url):
+    """The server stops while step 20 uploads: that checkpoint never becomes loadable, the error names the
+    step, and the restarted run resumes from step 10 and finishes."""
+    import threading
+
+    creds = [f"checkpoint.s3.endpoint_url={s3_server.endpoint_url}", "checkpoint.s3.region=us-east-1",
+             f"checkpoint.s3.access_key_id={s3_server.access_key}",
+             f"checkpoint.s3.secret_access_key={s3_server.secret_key}"]
+    cfg = micro_config(dataset, s3_url, name="outage", steps=30,
+                       extra=[*creds, "faults=[{step: 19, kind: s3_outage}]"])
+
+    def outage(step):
+        s3_server.stop()
+        threading.Timer(20.0, s3_server.start).start()
+
+    trainer = build_trainer(cfg, WorkerEnv(hooks={"s3_outage": outage}), torch.device("cpu"),
+                            guardian=Guardian(cfg.guardian))
+    with pytest.raises(Exception, match=r"saving checkpoint step \d+ rank 0 to s3://.*failed"):
+        trainer.fit()
+    deadline = __import__("time").monotonic() + 60
+    while not s3_server.running and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(1)
+    store = CheckpointStore(s3_url, "outage", s3_server.s3_config())
+    assert store.latest_complete() == 10
+    restarted = build_trainer(cfg, WorkerEnv(hooks={"s3_outage": outage}), torch.device("cpu"),
+                              guardian=Guardian(cfg.guardian))
+    history = restarted.fit()["history"]  # the outage fired once: the marker keeps it from firing again
+    assert min(losses(history)) == 10 and max(losses(history)) == 29
+    assert store.latest_complete() == 30

@@ -203,3 +203,15 @@ def test_job_submission_runs_the_default_job(dataset, tmp_path, ray_head):
     assert store.latest_complete() == 10 and store.verify(10, full=True).ok
     state = json.loads((tmp_path / "submitted" / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())
     assert state["step"] == 10 and state["cursor"]["step"] == 10
+
+
+def test_hung_worker_is_restarted_from_the_last_checkpoint(dataset, tmp_path, local_ray):
+    from raytrainer.fault.events import RunStore, read_events
+    from raytrainer.launch import run
+
+    cfg = micro_config(dataset, str(tmp_path), name="hang", steps=25,
+                       extra=["parallel.min_workers=2", "parallel.max_workers=2", "guardian.step_timeout_s=20",
+                              "faults=[{step: 14, kind: hang, rank: 1}]"])
+    result = run(cfg)
+    assert result["step"] == 25 and result["metrics"]["start_step"] == 10
+    assert any(e.get("event") == "checkpoint" for e in read_events(RunStore.for_run(cfg)))
