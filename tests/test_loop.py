@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-from runs import make_dataset, micro_config
 
 from raytrainer.fault.checkpoint_store import CheckpointStore
 from raytrainer.fault.events import EventLog, RunStore, read_events
 from raytrainer.fault.guardian import Guardian
 from raytrainer.train.loop import GuardianAbort, WorkerEnv
 from raytrainer.train.ray_entry import build_trainer
+from runs import make_dataset, micro_config
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,10 @@
 The loss of every micro-batch is its summed token loss divided by (global label tokens / world size), so
 after the data-parallel gradient average the gradient is exactly that of the mean loss over the whole
 global batch, whatever the world size and however the rows were split (padding micro-batches included).
+The global label-token count is all-reduced once per step, before the first forward.
+
+A step whose loss or gradients are not finite is never applied: forward_backward logs it loudly with its
+step, and apply() refuses the update even when asked to apply it (and says so).
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from torch import nn
 from raytrainer.config import Config
 from raytrainer.train.ema import EMA
 from raytrainer.train.optim import set_lr
-from raytrainer.train.precision import DynamicLossScaler, autocast
+from raytrainer.train.precision import DynamicLossScaler, autocast, check_precision_supported
 from raytrainer.train.schedule import lr_at
 
 log = logging.getLogger("raytrainer.train")
 
 IGNORE_INDEX = -100
+BATCH_KEYS = ("input_ids", "labels", "position_ids", "doc_ids")
 
 
 @dataclass
@@ -37,16 +42,19 @@ class StepStats:
     step: int
     loss: float  # mean cross-entropy per label token over the global batch
     grad_norm: float  # global, before clipping (after fp16 unscaling)
-    finite: bool
+    finite: bool  # loss and gradients finite: the update may be applied
     tokens: int  # global tokens in the step's rows (padding included: what the hardware processed)
     label_tokens: int  # global tokens with a target
-    time_s: float
+    time_s: float  # forward_backward, plus apply() once it has run
     seq_len: int
-    metrics: dict = field(default_factory=dict)
+    overflow: bool = False  # fp16: the gradients overflowed at this loss scale (skipped, scale halved)
+    applied: bool | None = None  # set by apply(): whether the optimizer update happened
+    metrics: dict = field(default_factory=dict)  # timings, loss scale
 
 
 def prepare_model(model: nn.Module, cfg: Config) -> nn.Module:
-    """Activation checkpointing (and fp8) on the plain model, before any wrapping."""
+    """What is done to the plain model before any wrapping: activation checkpointing, fp8 linears,
+    torch.compile. Parameter names do not change (every step works on the module in place)."""
     from raytrainer.model.checkpointing import apply_activation_checkpointing
 
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
@@ -54,93 +62,146 @@ def prepare_model(model: nn.Module, cfg: Config) -> nn.Module:
         from raytrainer.train.precision import enable_fp8
 
         model = enable_fp8(model)
+    if cfg.train.compile:
+        # Block by block (as torchtitan does): every block shares one compiled graph, the module tree
+        # and parameter names stay as they are, and FSDP2 can still shard and prefetch per block.
+        for block in getattr(model, "layers", [model]):
+            block.compile()
     return model
 
 
 class StepEngine:
     def __init__(self, model: nn.Module, cfg: Config, strategy):
+        check_precision_supported(cfg.precision.dtype, strategy.device)
         self.cfg = cfg
         self.strategy = strategy
-        self.model = model
+        self.model = model  # what forward is called on: strategy.model
+        self._owns_step = getattr(strategy, "owns_step", False)  # DeepSpeed scales, unscales and steps itself
         self.scaler = DynamicLossScaler(cfg.precision)
+        if self._owns_step:
+            self.scaler.enabled, self.scaler.scale = False, 1.0
         self.ema = EMA(strategy.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.current_lr = lr_at(0, cfg)
-        self._forward = torch.compile(model) if cfg.train.compile else model
-        self._step: int | None = None
-        self._finite = True
-        self._owns_step = getattr(strategy, "owns_step", False)  # DeepSpeed applies scaling itself
+        self.updates_applied = 0
+        self.updates_skipped = 0
+        self._pending: StepStats | None = None  # the step whose gradients wait for apply()
 
     # ------------------------------------------------------------------ the step
 
     def forward_backward(self, micro_batches: list[dict], step: int) -> StepStats:
+        """Forward and backward every micro-batch of this rank; gradients are synchronised on the last one.
+        Returns the global loss and pre-clip grad norm (identical on every rank)."""
+        if self._pending is not None:
+            raise RuntimeError(f"forward_backward(step={step}) while step {self._pending.step} still waits for "
+                               "apply() or zero_grad(): its gradients would leak into this step")
+        if not micro_batches:
+            raise ValueError(f"step {step}: no micro-batches (every rank takes cfg.accumulation_steps >= 1)")
         t0 = time.perf_counter()
         s = self.strategy
+        device = s.device
         local_labels = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
         global_labels = s.all_reduce_sum(local_labels)
         normalizer = max(global_labels, 1.0) / s.world_size
-        ce_sum = 0.0
-        device = s.device
+        ce_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync per step
+        last = len(micro_batches) - 1
         for i, mb in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else s.no_sync():
+            inputs = {k: mb[k].to(device, non_blocking=True) for k in BATCH_KEYS if mb.get(k) is not None}
+            with contextlib.nullcontext() if i == last else s.no_sync():
                 with autocast(self.cfg.precision.dtype, device):
-                    out = self._forward(
-                        mb["input_ids"].to(device, non_blocking=True),
-                        labels=mb["labels"].to(device, non_blocking=True),
-                        position_ids=mb["position_ids"].to(device, non_blocking=True),
-                        doc_ids=mb["doc_ids"].to(device, non_blocking=True),
-                        loss_normalizer=normalizer,
-                    )
-                s.backward(out.loss * self.scaler.scale if not self._owns_step else out.loss)
-            ce_sum += float(out.metrics["ce"]) * int(out.metrics["label_tokens"])
-        loss = s.all_reduce_sum(ce_sum) / max(global_labels, 1.0)
-        if not self._owns_step:
+                    out = self.model(**inputs, loss_normalizer=normalizer)
+                s.backward(self.scaler.scale_loss(out.loss))
+            ce_sum += out.metrics["ce"].detach().double() * out.metrics["label_tokens"]
+        t_backward = time.perf_counter()
+        loss = s.all_reduce_sum(float(ce_sum)) / max(global_labels, 1.0)
+        if self.scaler.enabled:
             s.unscale_grads(self.scaler.scale)
         grad_norm = s.clip_grad_norm(self.cfg.optim.grad_clip)
-        self._finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if not self._finite:
+
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        overflow = self.cfg.precision.dtype == "fp16" and math.isfinite(loss) and not math.isfinite(grad_norm)
+        if overflow:
+            log.warning("step %d: fp16 gradients overflowed at loss scale %g; the update is skipped and the "
+                        "scale halved", step, self.scaler.scale)
+        elif not finite:
             log.error("step %d: NON-FINITE loss=%s grad_norm=%s on rank %d; this update will not be applied",
                       step, loss, grad_norm, s.rank)
-        self._step = step
         seq_len = micro_batches[0]["input_ids"].shape[1]
-        tokens = self.cfg.rows_per_global_batch(step) * seq_len
-        return StepStats(step, loss, grad_norm, self._finite, tokens, int(global_labels),
-                         time.perf_counter() - t0, seq_len)
+        stats = StepStats(
+            step=step,
+            loss=loss,
+            grad_norm=grad_norm,
+            finite=finite,
+            tokens=self.cfg.rows_per_global_batch(step) * seq_len,
+            label_tokens=int(global_labels),
+            time_s=time.perf_counter() - t0,
+            seq_len=seq_len,
+            overflow=overflow,
+            metrics={"forward_backward_s": t_backward - t0, "micro_batches": len(micro_batches)},
+        )
+        if self.scaler.enabled:
+            stats.metrics["loss_scale"] = self.scaler.scale
+        self._pending = stats
+        return stats
 
     def apply(self, skip: bool = False, lr_factor: float = 1.0) -> bool:
-        """Apply (or skip) the update prepared by forward_backward; returns whether it was applied."""
-        assert self._step is not None, "apply() without forward_backward()"
-        self.current_lr = lr_at(self._step, self.cfg) * lr_factor
+        """Apply (or skip) the update prepared by forward_backward; returns whether it was applied.
+
+        lr = lr_at(step) x lr_factor (x each group's lr_scale). A non-finite step is never applied."""
+        stats = self._pending
+        if stats is None:
+            raise RuntimeError("apply() without forward_backward(): there is no step to apply")
+        t0 = time.perf_counter()
+        self.current_lr = lr_at(stats.step, self.cfg) * lr_factor
         set_lr(self.strategy.optimizer, self.current_lr)
-        applied = not skip and self._finite
+        applied = not skip and stats.finite
+        if not skip and not stats.finite and not stats.overflow:
+            log.error("step %d: NOT applying the update: loss=%s grad_norm=%s are not finite",
+                      stats.step, stats.loss, stats.grad_norm)
         if applied:
             self.strategy.optimizer_step()
             if self.ema is not None:
                 self.ema.update()
-        if self.scaler.enabled:
-            self.scaler.update(found_inf=not self._finite)
+            self.updates_applied += 1
+        else:
+            self.updates_skipped += 1
+        self.scaler.update(found_inf=not math.isfinite(stats.grad_norm))
         self.strategy.zero_grad()
-        self._step = None
+        self._pending = None
+        stats.applied = applied
+        stats.metrics["apply_s"] = time.perf_counter() - t0
+        stats.time_s += stats.metrics["apply_s"]
         return applied
 
     def train_step(self, micro_batches: list[dict], step: int) -> StepStats:
+        """forward_backward then apply, skipping (and saying so) a non-finite step."""
         stats = self.forward_backward(micro_batches, step)
-        self.apply()
+        if not self.apply() and not stats.overflow:
+            log.warning("step %d skipped: its loss or gradients were not finite", step)
         return stats
 
     def zero_grad(self) -> None:
+        """Drop the pending step's gradients without an update (e.g. before rolling back)."""
         self.strategy.zero_grad()
-        self._step = None
+        self._pending = None
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"scaler": self.scaler.state_dict()}
+        """JSON-serialisable engine state (the EMA tensors go with the model, in save_checkpoint)."""
+        return {
+            "scaler": self.scaler.state_dict(),
+            "updates_applied": self.updates_applied,
+            "updates_skipped": self.updates_skipped,
+            "ema_decay": self.ema.decay if self.ema is not None else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.scaler.load_state_dict(state.get("scaler", {}))
+        self.updates_applied = int(state.get("updates_applied", 0))
+        self.updates_skipped = int(state.get("updates_skipped", 0))
 
     def save_checkpoint(self, directory: Path) -> None:
+        """Model + optimizer (+ EMA) through the strategy; every rank calls it."""
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else None
         self.strategy.save(Path(directory), extra=extra)
 
@@ -149,3 +210,4 @@ class StepEngine:
         self.strategy.load(Path(directory), saved_world_size, extra=extra)
         if extra is not None:
             self.ema.load_state_dict(extra["ema"])
+        self._pending = None

@@ -103,6 +103,8 @@ class Trainer:
         self.last_checkpoint_time = time.monotonic()
         self.throughput = Throughput(cfg, env.world_size)
         self.start_step = 0
+        self._last_step_end: float | None = None
+        self._recent_rates: list[float] = []
 
     # ------------------------------------------------------------------ the algorithm
 
@@ -132,11 +134,15 @@ class Trainer:
         step += 1
         if self.checkpoint_due(step):
             self.save(step)
+            self._last_step_end = None  # a save's stall is measured by the checkpoint bench, not as a slow step
         return step
 
     # ------------------------------------------------------------------ pieces
 
     def decide(self, step: int, stats: StepStats) -> Decision:
+        if getattr(stats, "overflow", False):
+            # Routine fp16 loss-scale overflow: the scaler already halved the scale; not an anomaly.
+            return Decision("skip", f"fp16 gradient overflow at loss scale {stats.metrics.get('loss_scale')}")
         # One guardian round trip per step, from rank 0; every rank acts on the same decision.
         decision = None
         if self.env.rank == 0:
@@ -207,7 +213,13 @@ class Trainer:
         self.last_checkpoint_time = time.monotonic()
 
     def record(self, step: int, stats: StepStats, decision: Decision, applied: bool) -> None:
-        rate = self.throughput.update(stats.tokens, stats.time_s)
+        # Wall time between steps: data, guardian round trip and optimizer step included, not just the math.
+        now = time.perf_counter()
+        wall = now - self._last_step_end if self._last_step_end is not None else stats.time_s
+        self._last_step_end = now
+        rate = self.throughput.update(stats.tokens, wall, seq_len=stats.seq_len)
+        self._recent_rates = (self._recent_rates + [rate.get("tokens_per_s", 0.0)])[-20:]
+        rate["median_tokens_per_s"] = sorted(self._recent_rates)[len(self._recent_rates) // 2]
         entry = {
             "step": step,
             "loss": stats.loss,

@@ -1,8 +1,16 @@
-"""Per-step rates: tokens/s, MFU against the device's peak, memory."""
+"""Per-step metrics: loss, perplexity, grad norm, lr, tokens/s, MFU, memory.
+
+MFU = achieved training FLOP/s / (peak FLOP/s per device x world size), with the achieved FLOPs from
+`raytrainer.model.flops.flops_per_token` (6N + attention, PaLM's convention). The peak per device is
+`train.peak_flops` when set, else the bf16 dense peak of a known GPU (by its CUDA name), else, on a CPU, a
+float32 matmul rate measured once per process with the current thread count.
+"""
 
 from __future__ import annotations
 
 import functools
+import math
+import re
 import resource
 import time
 
@@ -10,17 +18,42 @@ import torch
 
 from raytrainer.config import Config
 
-# bf16 dense peak FLOP/s per device (no sparsity)
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                  "A10G": 125e12, "A10": 125e12, "V100": 125e12, "T4": 65e12}
+# bf16 dense (no 2:4 sparsity) tensor-core peak FLOP/s; fp16 for GPUs without bf16. Most specific first:
+# the first pattern found in torch.cuda.get_device_name() wins.
+GPU_PEAK_FLOPS: list[tuple[str, float]] = [
+    (r"\bGH200\b", 989e12),
+    (r"\bH200\b", 989e12),
+    (r"\bH100\b.*\bPCIe\b", 756e12),
+    (r"\bH100\b.*\bNVL\b", 835e12),
+    (r"\bH100\b", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"\bH800\b", 989e12),
+    (r"\bB200\b", 2250e12),
+    (r"\bA100\b", 312e12),
+    (r"\bA800\b", 312e12),
+    (r"\bL40S\b", 362e12),
+    (r"\bL40\b", 181e12),
+    (r"\bL4\b", 121e12),
+    (r"\bA10G\b", 125e12),
+    (r"\bA10\b", 125e12),
+    (r"\bA6000\b", 155e12),
+    (r"\bRTX 4090\b", 165e12),
+    (r"\bV100\b", 125e12),  # fp16
+    (r"\bT4\b", 65e12),  # fp16
+]
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    for pattern, flops in GPU_PEAK_FLOPS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return flops
+    return None
 
 
 @functools.cache
-def cpu_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
-    """What this process's threads can do in float32 matmuls, measured once: the CPU's practical peak."""
+def _cpu_matmul_peak(threads: int, size: int, repeats: int) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
+    a @ b  # warm up the BLAS threads
+    best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
@@ -28,52 +61,100 @@ def cpu_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
+def cpu_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
+    """What this process's threads do in float32 matmuls: the CPU's practical peak. Measured once per
+    process and thread count (a few hundred milliseconds)."""
+    return _cpu_matmul_peak(torch.get_num_threads(), size, repeats)
+
+
 def peak_flops(cfg: Config, device: torch.device | None = None) -> float:
+    """Peak FLOP/s of one device: train.peak_flops, a known GPU, or the measured CPU matmul rate."""
     if cfg.train.peak_flops is not None:
         return cfg.train.peak_flops
     if device is not None and device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops
-        raise ValueError(f"unknown GPU {name!r}: set train.peak_flops to its bf16 dense peak FLOP/s for MFU")
+        flops = gpu_peak_flops(name)
+        if flops is None:
+            raise ValueError(f"no peak FLOP/s known for GPU {name!r}: set train.peak_flops to its bf16 dense "
+                             "peak FLOP/s (e.g. train.peak_flops=312e12 for an A100) to get MFU")
+        return flops
     return cpu_matmul_peak()
 
 
 def memory_gb(device: torch.device | None = None) -> float:
+    """Peak memory so far: CUDA max allocated on a GPU, the process's max RSS on a CPU."""
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(30) so an early or diverging loss does not overflow; NaN stays NaN."""
+    return math.exp(min(loss, 30.0)) if math.isfinite(loss) else float("nan")
+
+
+def _default_device(cfg: Config) -> torch.device:
+    if cfg.parallel.use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class Throughput:
     """tokens/s and MFU of the whole job, from the global tokens of each step and its wall time."""
 
     def __init__(self, cfg: Config, world_size: int, device: torch.device | None = None):
-        from raytrainer.model.flops import flops_per_token
-
         self.cfg = cfg
         self.world_size = world_size
-        self.device = device
-        self._flops_per_token = {}
-        self._flops = flops_per_token
+        self.device = device if device is not None else _default_device(cfg)
+        self._flops_per_token: dict[int, float] = {}
         self._peak: float | None = None
+        self.total_tokens = 0
+        self.total_seconds = 0.0
 
     def flops_per_token(self, seq_len: int) -> float:
         if seq_len not in self._flops_per_token:
-            self._flops_per_token[seq_len] = self._flops(self.cfg.model, seq_len)
+            from raytrainer.model.flops import flops_per_token  # the model package is optional here
+
+            self._flops_per_token[seq_len] = flops_per_token(self.cfg.model, seq_len)
         return self._flops_per_token[seq_len]
 
-    def update(self, tokens: int, seconds: float, seq_len: int | None = None) -> dict[str, float]:
-        if seconds <= 0:
-            return {}
+    @property
+    def peak(self) -> float:
         if self._peak is None:
             self._peak = peak_flops(self.cfg, self.device)
+        return self._peak
+
+    def update(self, tokens: int, seconds: float, seq_len: int | None = None) -> dict[str, float]:
+        """Rates for one step of `tokens` global tokens that took `seconds`."""
+        if seconds <= 0:
+            return {}
+        self.total_tokens += tokens
+        self.total_seconds += seconds
         rate = tokens / seconds
         achieved = rate * self.flops_per_token(seq_len or self.cfg.train.seq_len)
         return {
             "tokens_per_s": rate,
-            "mfu": achieved / (self._peak * self.world_size),
+            "tokens_per_s_per_device": rate / self.world_size,
+            "mfu": achieved / (self.peak * self.world_size),
             "step_time_s": seconds,
             "memory_gb": memory_gb(self.device),
         }
+
+    def average_tokens_per_s(self) -> float:
+        return self.total_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+
+
+def step_metrics(stats, lr: float, throughput: Throughput | None = None) -> dict[str, float]:
+    """One flat dict for logs and reports from a StepStats (and the rates, when a meter is given)."""
+    out = {
+        "step": stats.step,
+        "loss": stats.loss,
+        "perplexity": perplexity(stats.loss),
+        "grad_norm": stats.grad_norm,
+        "lr": lr,
+        "tokens": stats.tokens,
+        "label_tokens": stats.label_tokens,
+    }
+    if throughput is not None:
+        out.update(throughput.update(stats.tokens, stats.time_s, stats.seq_len))
+    return out

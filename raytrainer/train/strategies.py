@@ -53,17 +53,27 @@ def ensure_process_group(rank: int, world_size: int, device: torch.device) -> No
 
 
 def load_full_state_dict(cfg: Config, model: nn.Module, directory: str | Path, use_ema: bool = False) -> dict:
-    """The whole model's weights from a checkpoint's model/ directory, in one process."""
+    """The whole model's weights (or their EMA) from a checkpoint's model/ directory, in one process."""
     from raytrainer.train.strategy import load_dcp_model_state
 
     if cfg.parallel.strategy == "deepspeed":
         from raytrainer.train.deepspeed_strategy import load_full_state_dict as load_deepspeed
 
-        return load_deepspeed(directory, use_ema=use_ema)
+        state = load_deepspeed(directory, use_ema=use_ema)
+        return _with_parameters(model, state) if use_ema else state
     if use_ema:
-        import torch.distributed.checkpoint as dcp
+        from raytrainer.train import dcp_io
 
         state = {"ema": {n: p.detach().float().clone() for n, p in model.named_parameters()}}
-        dcp.load(state, checkpoint_id=str(directory))
-        return {**model.state_dict(), **state["ema"]}
+        dcp_io.load(state, directory)  # never unpickles anything but tensors and DCP metadata
+        return _with_parameters(model, state["ema"])
     return load_dcp_model_state(model, directory)
+
+
+@torch.no_grad()
+def _with_parameters(model: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """model's state dict with its parameters replaced by `params` (keyed like named_parameters(), which
+    lists a tied lm_head once, as embed_tokens): the values go into the model, so tied keys agree."""
+    for name, p in model.named_parameters():
+        p.copy_(params[name])
+    return {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,18 +1,29 @@
 """One interface over how a model is distributed: wrap, accumulate without sync, clip, step, save, load.
 
+    strategy.model          what forward is called on (a DDP wrapper, an FSDP module, a DeepSpeed engine)
+    strategy.module         the plain Transformer underneath: parameter names, EMA, checkpoints
+    strategy.optimizer
+    with strategy.no_sync(): ...     every micro-step but the last: gradients accumulate locally
+    strategy.backward(loss)
+    strategy.clip_grad_norm(max_norm) -> pre-clip global norm
+    strategy.optimizer_step(); strategy.zero_grad()
+    strategy.all_reduce_sum(x)       a float summed over ranks
+    strategy.save(dir, extra) / strategy.load(dir, saved_world_size, extra)
+
 SingleProcess and DDP live here; FSDP2 (fsdp.py) and DeepSpeed ZeRO (deepspeed_strategy.py) implement
-the same interface. Model + optimizer (+ EMA) state goes through torch.distributed.checkpoint (DCP), which
-reshards on load, so a checkpoint written by N ranks loads on M.
+the same interface. Model + optimizer (+ EMA, as `extra`) state goes through DCP (dcp_io), which reshards on
+load, so a checkpoint written by N ranks loads on M, and whose loading unpickles nothing but tensors,
+containers and DCP's metadata classes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -22,14 +33,21 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from raytrainer.config import Config
+from raytrainer.train import dcp_io
 
 
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def default_backend(device: torch.device) -> str:
+    """nccl between GPUs, gloo between CPU processes."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 class Strategy:
     name = "single"
+    owns_step = False  # True where the library scales, unscales and steps itself (DeepSpeed)
 
     def __init__(self, cfg: Config, module: nn.Module, rank: int = 0, world_size: int = 1,
                  device: torch.device | None = None):
@@ -39,9 +57,20 @@ class Strategy:
         self.rank = rank
         self.world_size = world_size
         self.device = device or torch.device("cpu")
+        self._check_world()
         self.module = module.to(self.device)  # the plain Transformer: names, EMA, checkpoints
         self.model = self.wrap(self.module)  # what forward is called on
         self.optimizer = build_optimizer(self.module, cfg)
+
+    def _check_world(self) -> None:
+        actual = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.world_size != actual:
+            raise RuntimeError(
+                f"{type(self).__name__} was asked for rank {self.rank} of {self.world_size}, but "
+                + ("torch.distributed is not initialised" if actual == 1 else f"the process group has {actual} ranks")
+                + "; the launcher (Ray Train, torchrun) must create the process group first, with backend "
+                + f"{default_backend(self.device)!r} for {self.device.type} workers"
+            )
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return module
@@ -54,20 +83,26 @@ class Strategy:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.module.parameters() if p.grad is not None]
+
     def clip_grad_norm(self, max_norm: float | None) -> float:
-        """The global gradient norm before clipping; clips to max_norm when given."""
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        if not params:
+        """The global L2 norm of the gradients before clipping; scales them down to max_norm when it is
+        given and exceeded. Non-finite gradients are left as they are (that step is never applied)."""
+        grads = self.grads()
+        if not grads:
             return 0.0
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"),
-                                              foreach=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        total = torch.nn.utils.get_total_norm(grads, foreach=True)
+        # DTensor (FSDP2): a norm over the local shards, reduced over ranks by full_tensor()
+        value = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        if max_norm is not None and math.isfinite(value) and value > max_norm:
+            torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), max_norm, total, foreach=True)
+        return value
 
     def unscale_grads(self, scale: float) -> None:
+        """Divide the gradients by the fp16 loss scale (before clipping and before the norm is reported)."""
         if scale != 1.0:
-            for p in self.module.parameters():
-                if p.grad is not None:
-                    p.grad.div_(scale)
+            torch._foreach_mul_(self.grads(), 1.0 / scale)
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
@@ -87,13 +122,15 @@ class Strategy:
 
     # ---- checkpoints
     def save(self, directory: Path, extra: dict | None = None) -> None:
+        """Model + optimizer (+ `extra`, e.g. {"ema": tensors}) as DCP; every rank calls it."""
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd, **(extra or {})}, checkpoint_id=str(directory))
+        dcp_io.save({"model": model_sd, "optim": optim_sd, **(extra or {})}, directory)
 
     def load(self, directory: Path, saved_world_size: int, extra: dict | None = None) -> None:
+        """Load what save wrote, at any world size; `extra`'s tensors are filled in place."""
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd, **(extra or {})}
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp_io.load(state, directory)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
 
@@ -103,6 +140,10 @@ class SingleProcess(Strategy):
 
 
 class DDPStrategy(Strategy):
+    """torch DDP: gradients all-reduced (averaged) during the last micro-step's backward; `no_sync` before it.
+
+    With world_size 1 the module is used as it is (no wrapper, no communication)."""
+
     name = "ddp"
 
     def wrap(self, module: nn.Module) -> nn.Module:
@@ -120,5 +161,5 @@ class DDPStrategy(Strategy):
 def load_dcp_model_state(module: nn.Module, directory: Path, key: str = "model") -> dict[str, torch.Tensor]:
     """A full (unsharded) model state dict from a DCP checkpoint, in one process (export, generate)."""
     state = {key: get_model_state_dict(module, options=StateDictOptions(full_state_dict=False))}
-    dcp.load(state, checkpoint_id=str(directory))
+    dcp_io.load(state, directory)
     return state[key]

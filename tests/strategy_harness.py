@@ -1,0 +1,145 @@
+"""Multi-process runs of the strategies for tests: gloo process groups in spawned processes (no Ray).
+
+`spawn(job, world_size, tmp_path, *args)` runs `job(rank, world_size, out_dir, *args)` in `world_size`
+fresh processes that share a gloo process group; jobs must be module-level functions, and pass results
+back as files in out_dir (`save_result` / `load_result`).
+
+The data is a deterministic global batch per step, split over ranks the way the data feed does it:
+contiguous rows per rank, micro-batches of at most train.micro_batch_size rows, and all-ignored padding
+micro-batches for ranks whose share is short, so every rank takes cfg.accumulation_steps(step, ws).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from raytrainer.config import Config, load_config
+
+TINY = [
+    "model.vocab_size=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.multiple_of=32", "model.max_seq_len=32", "model.tie_embeddings=true", "model.qk_norm=true",
+    "precision.dtype=fp32", "train.seq_len=32", "train.global_batch_tokens=192", "train.micro_batch_size=2",
+    "optim.lr=1e-2", "optim.grad_clip=0.5", "schedule.warmup_steps=1", "train.steps=8", "parallel.max_workers=2",
+    # from step 2 on the rows are half as long and twice as many: the micro-step count per rank changes
+    "data.phases=[{start_step: 0}, {start_step: 2, seq_len: 16}]",
+]
+
+
+def tiny_config(strategy: str = "ddp", *overrides: str) -> Config:
+    return load_config(None, [*TINY, f"parallel.strategy={strategy}", *overrides])
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def global_batch(cfg: Config, step: int) -> dict[str, torch.Tensor]:
+    """Every row of one global batch: two documents per row, labels shifted, no prediction across them."""
+    seq_len = cfg.seq_len_at(step)
+    rows = cfg.rows_per_global_batch(step)
+    g = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, cfg.model.vocab_size, (rows, seq_len + 1), generator=g)
+    split = torch.randint(2, seq_len - 2, (rows,), generator=g)
+    position = torch.arange(seq_len).expand(rows, seq_len)
+    doc_ids = (position >= split[:, None]).long()
+    position_ids = torch.where(doc_ids == 0, position, position - split[:, None])
+    labels = tokens[:, 1:].clone()
+    labels[torch.arange(rows), split - 1] = -100  # the first document's last token: no target across
+    return {"input_ids": tokens[:, :-1], "labels": labels, "position_ids": position_ids, "doc_ids": doc_ids}
+
+
+def rank_micro_batches(cfg: Config, step: int, rank: int, world_size: int) -> list[dict[str, torch.Tensor]]:
+    batch = global_batch(cfg, step)
+    rows = cfg.rows_per_global_batch(step)
+    per_rank = math.ceil(rows / world_size)
+    mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
+    size = cfg.train.micro_batch_size
+    n = mine["input_ids"].shape[0]
+    micro = [{k: v[i:i + size] for k, v in mine.items()} for i in range(0, n, size)]
+    while len(micro) < cfg.accumulation_steps(step, world_size):
+        pad = {k: v[:1].clone() for k, v in batch.items()}
+        pad["labels"].fill_(-100)
+        micro.append(pad)
+    return micro
+
+
+def probe_batch(cfg: Config) -> torch.Tensor:
+    return torch.randint(0, cfg.model.vocab_size, (3, cfg.train.seq_len), generator=torch.Generator().manual_seed(7))
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, job, args: tuple) -> None:
+    torch.set_num_threads(1)  # two processes on two cores
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        job(rank, world_size, Path(out_dir), *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(job, world_size: int, out_dir: Path, *args) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_worker, args=(world_size, _free_port(), str(out_dir), job, args), nprocs=world_size, join=True)
+
+
+def save_result(out_dir: Path, name: str, rank: int, value) -> None:
+    torch.save(value, out_dir / f"{name}.rank{rank}.pt")
+
+
+def load_result(out_dir: Path, name: str, rank: int = 0):
+    return torch.load(out_dir / f"{name}.rank{rank}.pt", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def build(cfg: Config, rank: int, world_size: int, model: torch.nn.Module | None = None):
+    """The strategy and step engine for cfg, from the run's seed (as the Ray worker builds them)."""
+    from raytrainer.model import Transformer
+    from raytrainer.train.engine import StepEngine
+    from raytrainer.train.strategies import build_strategy
+
+    torch.manual_seed(cfg.train.seed)
+    model = model if model is not None else Transformer(cfg.model)
+    strategy = build_strategy(cfg, model, rank, world_size, torch.device("cpu"))
+    return strategy, StepEngine(strategy.model, cfg, strategy)
+
+
+def train_steps(engine, cfg: Config, steps, rank: int, world_size: int) -> list[tuple[float, float]]:
+    """(loss, pre-clip grad norm) per step."""
+    curve = []
+    for step in steps:
+        stats = engine.forward_backward(rank_micro_batches(cfg, step, rank, world_size), step)
+        engine.apply()
+        curve.append((stats.loss, stats.grad_norm))
+    return curve
+
+
+@torch.no_grad()
+def probe_logits(strategy, cfg: Config) -> torch.Tensor:
+    return strategy.model(probe_batch(cfg)).logits.detach().float().clone()
+
+
+def merge_rank_dirs(rank_dirs: list[Path], into: Path) -> Path:
+    """What the checkpoint store does: every rank's files, side by side in one directory."""
+    import shutil
+
+    for d in rank_dirs:
+        shutil.copytree(d, into, dirs_exist_ok=True)
+    return into
