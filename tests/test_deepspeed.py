@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from raytrainer.train.deepspeed_strategy import deepspeed_config
 from strategy_harness import (
     build,
     load_result,
@@ -18,8 +20,6 @@ from strategy_harness import (
     tiny_config,
     train_steps,
 )
-
-from raytrainer.train.deepspeed_strategy import deepspeed_config
 
 
 def zero_config(stage: int, *extra: str):

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from strategy_harness import load_result, merge_rank_dirs, save_result, spawn
 from test_engine import build, grads, make_batch, padding_micro_batch, params, split_rows, tiny_config
 
 from raytrainer.model import Transformer
 from raytrainer.train.engine import StepEngine
 from raytrainer.train.strategy import DDPStrategy
+from strategy_harness import load_result, merge_rank_dirs, save_result, spawn
 
 OVERRIDES = ("train.ema_decay=0.5", "optim.grad_clip=1.0")
 ROWS = 5  # rank 0 takes rows 0-2 as micro-batches of 2 and 1; rank 1 rows 3-4 and a padding micro-batch

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from datasets import EOS, PAD, config, documents_by_id, random_docs, write_dataset
 
+from datasets import EOS, PAD, config, documents_by_id, random_docs, write_dataset
 from raytrainer.config import Phase
 from raytrainer.data.feed import DataFeed
 from raytrainer.data.packing import DOC, END, ROW, START

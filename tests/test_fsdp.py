@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
+
+from raytrainer.train.fsdp import mixed_precision_policy
 from strategy_harness import (
     build,
     load_result,
@@ -18,9 +21,6 @@ from strategy_harness import (
     tiny_config,
     train_steps,
 )
-from torch.distributed.tensor import DTensor
-
-from raytrainer.train.fsdp import mixed_precision_policy
 
 
 def fsdp_config(*extra: str):

@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 import torch
-from strategy_harness import load_result, save_result, spawn
 
 from raytrainer.fault.checkpoint_store import CheckpointStore
 from runs import make_dataset, micro_config
+from strategy_harness import load_result, save_result, spawn
 
 
 def run_loop(rank: int, world_size: int, out_dir, dataset, storage: str, extra: tuple, tag: str):

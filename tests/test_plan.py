@@ -8,10 +8,10 @@ import logging
 
 import numpy as np
 import pytest
-from datasets import Doc, config, random_docs, write_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from datasets import Doc, config, random_docs, write_dataset
 from raytrainer.config import Phase
 from raytrainer.data.cursor import Cursor, merge_ranges
 from raytrainer.data.feed import DataFeed

@@ -8,10 +8,10 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_corpus import load_job, mtimes, read_docs, text_of, write_corpus
 from tokenizers import Tokenizer as HFTok
 from tokenizers import models, pre_tokenizers
 
+from data_corpus import load_job, mtimes, read_docs, text_of, write_corpus
 from raytrainer.data.manifest import DataError, Manifest, parse_buckets
 from raytrainer.data.prepare import STATE_NAME, parse_token_count, prepare_dataset
 from raytrainer.data.sources import InputSpec, parse_input

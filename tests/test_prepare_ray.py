@@ -4,8 +4,8 @@ caller naming the file."""
 from __future__ import annotations
 
 import pytest
-from data_corpus import write_corpus
 
+from data_corpus import write_corpus
 from raytrainer.data.manifest import DataError
 from raytrainer.data.prepare import prepare_dataset
 from raytrainer.data.sources import InputSpec

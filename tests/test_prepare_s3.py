@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from data_corpus import write_corpus
 
+from data_corpus import write_corpus
 from raytrainer.data.fs import list_files, open_storage
 from raytrainer.data.prepare import STATE_NAME, prepare_dataset
 from raytrainer.data.sources import InputSpec

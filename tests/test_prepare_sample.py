@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from data_corpus import load_job
-
 from raytrainer.data.manifest import Manifest
 from raytrainer.data.sample_corpus import build_sample_corpus, make_sample_dataset, quality_score
 from raytrainer.data.tokenizers import load_tokenizer

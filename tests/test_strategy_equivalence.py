@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from strategy_harness import build, load_result, save_result, spawn, tiny_config, train_steps
 
 STEPS = range(4)  # steps 2 and 3 are in the second curriculum phase (more, shorter rows)

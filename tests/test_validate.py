@@ -11,8 +11,8 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_corpus import load_job, write_corpus
 
+from data_corpus import load_job, write_corpus
 from raytrainer.config import DataConfig
 from raytrainer.data.manifest import DataError, Manifest, source_totals
 from raytrainer.data.prepare import prepare_dataset
