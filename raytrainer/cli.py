@@ -1,4 +1,4 @@
-"""`raytrainer plan | report | inspect | export | generate`."""
+"""`raytrainer prepare | plan | report | inspect | export | generate`."""
 
 from __future__ import annotations
 
@@ -67,6 +67,9 @@ def _s3_from_args(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raytrainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # Listed for --help; main() hands its arguments to raytrainer.prepare_cli whole.
+    sub.add_parser("prepare", help="tokenise raw text into a dataset, or validate one (see prepare --help)",
+                   add_help=False)
 
     p = sub.add_parser("plan", help="parameters, FLOPs, Chinchilla tokens, wall time and GPU-hours")
     _config_args(p)
@@ -112,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prepare"]:
+        from raytrainer import prepare_cli
+
+        return prepare_cli.main(argv[1:], prog="raytrainer prepare")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -7,6 +7,8 @@ holds documents of one source and one length bucket, one row per document:
     length   int32                 len(tokens)
     source   string                the source name (the same in every row of a shard)
     quality  float32, nullable     a per-document quality score when the input had one
+    prompt_length  int32, optional the first prompt_length tokens are an instruction prompt (datasets
+                                   prepared with prompt=FIELD); the SFT objective does not learn them
 
 manifest.json (format "raytrainer-tokens/1"):
 
@@ -111,13 +113,17 @@ def token_dtype_for(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
-def shard_schema(token_dtype: str) -> pa.Schema:
-    return pa.schema([
+PROMPT_LENGTH = "prompt_length"  # optional column: tokens at the start of a document that are its prompt
+
+
+def shard_schema(token_dtype: str, with_prompt_length: bool = False) -> pa.Schema:
+    schema = pa.schema([
         pa.field("tokens", pa.list_(pa.field("item", pa.from_numpy_dtype(np.dtype(token_dtype))))),
         pa.field("length", pa.int32()),
         pa.field("source", pa.string()),
         pa.field("quality", pa.float32(), nullable=True),
     ])
+    return schema.append(pa.field(PROMPT_LENGTH, pa.int32(), nullable=True)) if with_prompt_length else schema
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from raytrainer.config import S3Config
 from raytrainer.data.fs import Storage, open_storage
-from raytrainer.data.manifest import DataError
+from raytrainer.data.manifest import PROMPT_LENGTH, DataError
 from raytrainer.data.objectives import Objective
 from raytrainer.data.packing import ARRAY_KEYS, ROW, DocLoader, build_rows, rank_rows
 from raytrainer.data.plan import PlannedBatch, Planner
@@ -39,7 +39,6 @@ from raytrainer.data.plan import PlannedBatch, Planner
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 1 << 30
-PROMPT_COLUMN = "prompt_length"
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,7 @@ def read_shard(storage: Storage, rel: str) -> ShardTokens:
     where = storage.uri(rel)
     try:
         pf = pq.ParquetFile(storage.fs.open_input_file(storage.path(rel)))
-        columns = ["tokens"] + ([PROMPT_COLUMN] if PROMPT_COLUMN in pf.schema_arrow.names else [])
+        columns = ["tokens"] + ([PROMPT_LENGTH] if PROMPT_LENGTH in pf.schema_arrow.names else [])
         table = pf.read(columns=columns)
     except FileNotFoundError:
         raise DataError(f"shard {where}: not found (it was indexed when training started); restore it or "
@@ -142,8 +141,8 @@ def read_shard(storage: Storage, rel: str) -> ShardTokens:
     if isinstance(tokens, pa.ChunkedArray):  # an empty table keeps zero chunks
         tokens = pa.concat_arrays(tokens.chunks) if tokens.num_chunks else pa.array([], tokens.type)
     prompt = None
-    if PROMPT_COLUMN in table.column_names:
-        prompt = table.column(PROMPT_COLUMN).fill_null(0).to_numpy().astype(np.int64)
+    if PROMPT_LENGTH in table.column_names:
+        prompt = table.column(PROMPT_LENGTH).fill_null(0).to_numpy().astype(np.int64)
     return ShardTokens(values=tokens.values.to_numpy(), offsets=tokens.offsets.to_numpy().astype(np.int64),
                        prompt_length=prompt)
 

@@ -43,6 +43,7 @@ from raytrainer.data.manifest import (
     DEFAULT_BUCKETS,
     FORMAT,
     MANIFEST_NAME,
+    PROMPT_LENGTH,
     DataError,
     LengthBucket,
     Manifest,
@@ -55,6 +56,7 @@ from raytrainer.data.manifest import (
     token_dtype_for,
 )
 from raytrainer.data.sources import (
+    DocBatch,
     InputFile,
     InputSpec,
     WorkUnit,
@@ -129,7 +131,8 @@ def prepare_dataset(
     if removed:
         log.info("removed %d unfinished file(s) from an earlier run: %s", len(removed), removed[:5])
     known = _known_records(storage, previous)
-    writer = ShardWriter(storage, token_dtype, buckets, shard_tokens, known, fingerprint)
+    with_prompts = any(f.prompt_field for f in files)
+    writer = ShardWriter(storage, token_dtype, buckets, shard_tokens, known, fingerprint, with_prompts)
     units = plan_units(files, s3)
     log.info("tokenising %d files (%d units of work) with %s into %s", len(files), len(units), tok.name,
              storage.url)
@@ -181,55 +184,74 @@ def parse_token_count(text: str) -> int:
 
 
 def tokenize_unit(unit: WorkUnit, tok: Tokenizer, token_dtype: str, s3: S3Config | None) -> pa.Table:
-    """Tokenise every document of a unit, EOS appended. Columns: tokens, length, source, quality, chars.
-    Empty documents come back as rows of length 0 (no EOS) so that the caller can count them."""
+    """Tokenise every document of a unit, EOS appended. Columns: tokens, length, source, quality,
+    prompt_length, chars. Empty documents come back as rows of length 0 (no EOS) so that the caller can
+    count them."""
     tables = []
     for piece in unit.pieces:
-        texts: list[str] = []
-        qualities: list[float | None] = []
-        for batch_texts, batch_qualities in iter_documents(piece, s3):
-            texts += batch_texts
-            qualities += batch_qualities
-            if sum(map(len, texts)) >= TOKENIZE_BATCH_CHARS:
-                tables.append(_encode(texts, qualities, piece.file, tok, token_dtype))
-                texts, qualities = [], []
-        if texts:
-            tables.append(_encode(texts, qualities, piece.file, tok, token_dtype))
+        docs = DocBatch()
+        for batch in iter_documents(piece, s3):
+            docs.extend(batch)
+            if docs.chars() >= TOKENIZE_BATCH_CHARS:
+                tables.append(_encode(docs, piece.file, tok, token_dtype))
+                docs = DocBatch()
+        if docs.texts:
+            tables.append(_encode(docs, piece.file, tok, token_dtype))
     if not tables:
         return _empty_table(token_dtype)
     return pa.concat_tables(tables)
 
 
-def _encode(texts: list[str], qualities: list[float | None], f: InputFile, tok: Tokenizer, token_dtype: str
-            ) -> pa.Table:
-    empty = np.fromiter((not t.strip() for t in texts), dtype=bool, count=len(texts))
-    flat, lengths = tok.encode_flat(["" if e else t for t, e in zip(texts, empty, strict=True)])
-    if flat.size and int(flat.max()) >= tok.vocab_size:
-        raise DataError(f"{f.url}: tokenizer {tok.name} produced id {int(flat.max())} >= its vocab_size "
-                        f"{tok.vocab_size}; the tokenizer file is inconsistent")
-    # Append EOS to each non-empty document: each one's ids shift right by the EOS ids before it.
-    with_eos = lengths + (~empty)
+def _encode(docs: DocBatch, f: InputFile, tok: Tokenizer, token_dtype: str) -> pa.Table:
+    texts = docs.texts
+    prompts = docs.prompts if docs.prompts is not None else [""] * len(texts)
+    empty = np.fromiter((not (p + t).strip() for p, t in zip(prompts, texts, strict=True)), dtype=bool,
+                        count=len(texts))
+    flat, lengths = _encode_checked(["" if e else t for t, e in zip(texts, empty, strict=True)], f, tok)
+    if docs.prompts is not None:
+        # Prompt and response are tokenised apart, so that prompt_length counts the prompt's tokens exactly.
+        prompt_flat, prompt_lengths = _encode_checked(["" if e else p for p, e in zip(prompts, empty, strict=True)],
+                                                      f, tok)
+    else:
+        prompt_flat, prompt_lengths = np.zeros(0, np.int64), np.zeros(len(texts), np.int64)
+    # Document i is [prompt ids, text ids, EOS] (EOS only when it is not empty).
+    with_eos = prompt_lengths + lengths + (~empty)
     offsets = np.zeros(len(texts) + 1, dtype=np.int64)
     np.cumsum(with_eos, out=offsets[1:])
     ids = np.empty(int(offsets[-1]), dtype=token_dtype)
-    eos_at = offsets[1:][~empty] - 1
-    keep = np.ones(ids.size, dtype=bool)
-    keep[eos_at] = False
-    ids[keep] = flat
-    ids[eos_at] = tok.eos_id
+    ids[_positions(offsets[:-1], prompt_lengths)] = prompt_flat
+    ids[_positions(offsets[:-1] + prompt_lengths, lengths)] = flat
+    ids[offsets[1:][~empty] - 1] = tok.eos_id
     schema = shard_schema(token_dtype)
     tokens = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids))
     return pa.table({
         "tokens": tokens.cast(schema.field("tokens").type),
         "length": pa.array(with_eos.astype(np.int32)),
         "source": pa.array([f.source] * len(texts), pa.string()),
-        "quality": pa.array(qualities, pa.float32()),
-        CHARS: pa.array(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))),
+        "quality": pa.array(docs.qualities, pa.float32()),
+        PROMPT_LENGTH: pa.array(prompt_lengths.astype(np.int32)),
+        CHARS: pa.array(np.fromiter((len(p) + len(t) for p, t in zip(prompts, texts, strict=True)), dtype=np.int64,
+                                    count=len(texts))),
     })
 
 
+def _encode_checked(texts: list[str], f: InputFile, tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    flat, lengths = tok.encode_flat(texts)
+    if flat.size and int(flat.max()) >= tok.vocab_size:
+        raise DataError(f"{f.url}: tokenizer {tok.name} produced id {int(flat.max())} >= its vocab_size "
+                        f"{tok.vocab_size}; the tokenizer file is inconsistent")
+    return flat, lengths
+
+
+def _positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Indices starts[i] + 0..lengths[i]-1 for every i, concatenated."""
+    total = int(lengths.sum())
+    segment_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + (np.arange(total) - segment_start)
+
+
 def _empty_table(token_dtype: str) -> pa.Table:
-    schema = shard_schema(token_dtype).append(pa.field(CHARS, pa.int64()))
+    schema = shard_schema(token_dtype, with_prompt_length=True).append(pa.field(CHARS, pa.int64()))
     return schema.empty_table()
 
 
@@ -339,9 +361,9 @@ class ShardWriter:
     shard_tokens. A shard whose bytes already exist (same sha256) is kept rather than rewritten."""
 
     def __init__(self, storage: Storage, token_dtype: str, buckets: Sequence[LengthBucket], shard_tokens: int,
-                 known: dict[str, ShardRecord], fingerprint: str):
+                 known: dict[str, ShardRecord], fingerprint: str, with_prompt_length: bool = False):
         self.storage = storage
-        self.schema = shard_schema(token_dtype)
+        self.schema = shard_schema(token_dtype, with_prompt_length)
         self.buckets = list(buckets)
         self.shard_tokens = shard_tokens
         self.known = known

@@ -6,7 +6,9 @@
 A path is a file, a directory (walked recursively) or a glob (`**` matches any depth). File kinds go by
 suffix: .txt .md .py .rst (one document per file), .jsonl / .jsonl.gz (one JSON object per line, text
 in `text_field`), .parquet (text in column `text_field`). `quality_field` optionally names a numeric
-per-document score carried into the shards.
+per-document score carried into the shards. `prompt_field` (JSON Lines and Parquet) makes each record an
+instruction example: the prompt is tokenised before the text (the response) and its token count is kept
+as `prompt_length`, so the SFT objective can leave the prompt unlearned.
 
 Large Parquet files are split into pieces of whole row groups so that one file can be tokenised by
 several workers; everything else is one piece per file. Pieces keep the sorted file order, which makes
@@ -45,6 +47,7 @@ class InputSpec:
     source: str
     text_field: str = "text"
     quality_field: str | None = None
+    prompt_field: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class InputFile:
     quality_field: str | None
     size: int
     version: str
+    prompt_field: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,10 @@ class WorkUnit:
 # --------------------------------------------------------------------------- specs
 
 
-def parse_input(arg: str, text_field: str = "text", quality_field: str | None = None) -> InputSpec:
-    """`SOURCE=PATH` or `SOURCE=PATH::text=FIELD,quality=FIELD` (the options override the defaults)."""
+def parse_input(arg: str, text_field: str = "text", quality_field: str | None = None,
+                prompt_field: str | None = None) -> InputSpec:
+    """`SOURCE=PATH` or `SOURCE=PATH::text=FIELD,quality=FIELD,prompt=FIELD` (the options override the
+    defaults)."""
     source, sep, rest = arg.partition("=")
     if not sep or not source or not rest:
         raise DataError(f"--input {arg!r}: expected SOURCE=PATH, e.g. web=data/raw/web/*.jsonl")
@@ -97,9 +103,13 @@ def parse_input(arg: str, text_field: str = "text", quality_field: str | None = 
             text_field = value
         elif key in ("quality", "quality_field"):
             quality_field = value or None
+        elif key in ("prompt", "prompt_field"):
+            prompt_field = value or None
         else:
-            raise DataError(f"--input {arg!r}: unknown option {option!r}; use text=FIELD, quality=FIELD")
-    spec = InputSpec(path=path, source=source.strip(), text_field=text_field, quality_field=quality_field)
+            raise DataError(f"--input {arg!r}: unknown option {option!r}; use text=FIELD, quality=FIELD, "
+                            "prompt=FIELD")
+    spec = InputSpec(path=path, source=source.strip(), text_field=text_field, quality_field=quality_field,
+                     prompt_field=prompt_field)
     check_source_name(spec.source, arg)
     return spec
 
@@ -145,9 +155,12 @@ def expand_inputs(specs: Sequence[InputSpec], s3: S3Config | None = None) -> lis
                                 f"{spec.source}); narrow one of the paths")
             if entry.url in owner:
                 continue
+            if spec.prompt_field and kind == "text":
+                raise DataError(f"input {spec.source}={spec.path}: {entry.url} is a plain text file, which has "
+                                f"no field {spec.prompt_field!r}; prompt=FIELD applies to .jsonl and .parquet")
             owner[entry.url] = spec.source
             files.append(InputFile(entry.url, kind, spec.source, spec.text_field, spec.quality_field,
-                                   entry.size, entry.version))
+                                   entry.size, entry.version, spec.prompt_field))
     return sorted(files, key=lambda f: (f.source, f.url))
 
 
@@ -198,13 +211,33 @@ def _parquet_pieces(f: InputFile, s3: S3Config | None, piece_bytes: int) -> list
 # --------------------------------------------------------------------------- reading documents
 
 
+@dataclass
+class DocBatch:
+    """Documents in file order. `prompts` is None unless the input has a prompt field."""
+
+    texts: list[str] = field(default_factory=list)
+    qualities: list[float | None] = field(default_factory=list)
+    prompts: list[str] | None = None
+
+    def extend(self, other: DocBatch) -> None:
+        if other.prompts is not None:
+            self.prompts = (self.prompts or [""] * len(self.texts)) + other.prompts
+        elif self.prompts is not None:
+            self.prompts += [""] * len(other.texts)
+        self.texts += other.texts
+        self.qualities += other.qualities
+
+    def chars(self) -> int:
+        return sum(map(len, self.texts)) + (sum(map(len, self.prompts)) if self.prompts else 0)
+
+
 def iter_documents(piece: Piece, s3: S3Config | None = None, batch_docs: int = READ_BATCH_DOCS
-                   ) -> Iterator[tuple[list[str], list[float | None]]]:
-    """Batches of (texts, qualities) in file order. A null text reads as an empty document."""
+                   ) -> Iterator[DocBatch]:
+    """Batches of documents in file order. A null text (or prompt) reads as empty."""
     f = piece.file
     try:
         if f.kind == "text":
-            yield [_read_text(f, s3)], [None]
+            yield DocBatch([_read_text(f, s3)], [None])
         elif f.kind == "jsonl":
             yield from _iter_jsonl(f, s3, batch_docs)
         elif f.kind == "parquet":
@@ -227,11 +260,9 @@ def _read_text(f: InputFile, s3: S3Config | None) -> str:
         return fh.read().decode("utf-8", errors="replace")
 
 
-def _iter_jsonl(f: InputFile, s3: S3Config | None, batch_docs: int
-                ) -> Iterator[tuple[list[str], list[float | None]]]:
+def _iter_jsonl(f: InputFile, s3: S3Config | None, batch_docs: int) -> Iterator[DocBatch]:
     fs, path = open_fsspec(f.url, s3)
-    texts: list[str] = []
-    qualities: list[float | None] = []
+    batch = _empty_batch(f)
     with fs.open(path, "rb", compression="infer") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -243,20 +274,29 @@ def _iter_jsonl(f: InputFile, s3: S3Config | None, batch_docs: int
                                 "object") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{f.url} line {n}: expected a JSON object, got {type(obj).__name__}")
-            text = obj.get(f.text_field)
-            if text is not None and not isinstance(text, str):
-                raise DataError(f"{f.url} line {n}: field {f.text_field!r} is {type(text).__name__}, not a "
-                                "string")
-            if text is None and f.text_field not in obj:
-                raise DataError(f"{f.url} line {n}: no field {f.text_field!r} (fields: {sorted(obj)[:10]}); "
-                                "set the text field with --input SOURCE=PATH::text=FIELD")
-            texts.append(text or "")
-            qualities.append(_quality(obj.get(f.quality_field), f, n) if f.quality_field else None)
-            if len(texts) >= batch_docs:
-                yield texts, qualities
-                texts, qualities = [], []
-    if texts:
-        yield texts, qualities
+            batch.texts.append(_string_field(obj, f.text_field, "text", f, n))
+            batch.qualities.append(_quality(obj.get(f.quality_field), f, n) if f.quality_field else None)
+            if batch.prompts is not None:
+                batch.prompts.append(_string_field(obj, f.prompt_field, "prompt", f, n))
+            if len(batch.texts) >= batch_docs:
+                yield batch
+                batch = _empty_batch(f)
+    if batch.texts:
+        yield batch
+
+
+def _empty_batch(f: InputFile) -> DocBatch:
+    return DocBatch(prompts=[] if f.prompt_field else None)
+
+
+def _string_field(obj: dict, name: str, role: str, f: InputFile, line: int) -> str:
+    value = obj.get(name)
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{f.url} line {line}: field {name!r} is {type(value).__name__}, not a string")
+    if value is None and name not in obj:
+        raise DataError(f"{f.url} line {line}: no field {name!r} (fields: {sorted(obj)[:10]}); set the "
+                        f"{role} field with --input SOURCE=PATH::{role}=FIELD")
+    return value or ""
 
 
 def _quality(value: object, f: InputFile, line: int) -> float | None:
@@ -276,12 +316,12 @@ def open_parquet(f: InputFile, s3: S3Config | None) -> pq.ParquetFile:
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{f.url}: not a readable Parquet file ({e}); fix or remove it") from None
     schema = pf.schema_arrow
-    for column, want in ((f.text_field, "string"), (f.quality_field, "number")):
+    for column, want in ((f.text_field, "string"), (f.quality_field, "number"), (f.prompt_field, "string")):
         if column is None:
             continue
         if column not in schema.names:
             raise DataError(f"{f.url}: no column {column!r} (columns: {schema.names}); set the field with "
-                            "--input SOURCE=PATH::text=COLUMN,quality=COLUMN")
+                            "--input SOURCE=PATH::text=COLUMN,quality=COLUMN,prompt=COLUMN")
         kind = schema.field(column).type
         ok = (pa.types.is_string(kind) or pa.types.is_large_string(kind)) if want == "string" else (
             pa.types.is_integer(kind) or pa.types.is_floating(kind))
@@ -290,11 +330,10 @@ def open_parquet(f: InputFile, s3: S3Config | None) -> pq.ParquetFile:
     return pf
 
 
-def _iter_parquet(piece: Piece, s3: S3Config | None, batch_docs: int
-                  ) -> Iterator[tuple[list[str], list[float | None]]]:
+def _iter_parquet(piece: Piece, s3: S3Config | None, batch_docs: int) -> Iterator[DocBatch]:
     f = piece.file
     pf = open_parquet(f, s3)
-    columns = [f.text_field] + ([f.quality_field] if f.quality_field else [])
+    columns = list(dict.fromkeys(c for c in (f.text_field, f.quality_field, f.prompt_field) if c))
     start, stop = piece.row_groups or (0, pf.metadata.num_row_groups)
     for batch in pf.iter_batches(batch_size=batch_docs, row_groups=range(start, stop), columns=columns):
         texts = batch.column(f.text_field).fill_null("").to_pylist()
@@ -302,4 +341,5 @@ def _iter_parquet(piece: Piece, s3: S3Config | None, batch_docs: int
             qualities = pc.cast(batch.column(f.quality_field), pa.float64()).to_pylist()
         else:
             qualities = [None] * len(texts)
-        yield texts, qualities
+        prompts = batch.column(f.prompt_field).fill_null("").to_pylist() if f.prompt_field else None
+        yield DocBatch(texts, qualities, prompts)

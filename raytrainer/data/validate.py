@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from raytrainer.config import DataConfig, S3Config
 from raytrainer.data.fs import Storage, open_storage
-from raytrainer.data.manifest import DataError, Manifest, ShardRecord, shard_schema
+from raytrainer.data.manifest import PROMPT_LENGTH, DataError, Manifest, ShardRecord, shard_schema
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,8 @@ def _check_shard(storage: Storage, record: ShardRecord, manifest: Manifest, chec
         return f"{rows} documents, but the manifest records {record.num_docs}"
     if not read_tokens:
         return None
-    table = pf.read(columns=["tokens", "length", "source"])
+    has_prompts = PROMPT_LENGTH in pf.schema_arrow.names
+    table = pf.read(columns=["tokens", "length", "source"] + ([PROMPT_LENGTH] if has_prompts else []))
     tokens = table.column("tokens").combine_chunks()
     flat = tokens.flatten()
     if len(flat) != record.num_tokens:
@@ -180,6 +181,12 @@ def _check_shard(storage: Storage, record: ShardRecord, manifest: Manifest, chec
     eos = manifest.tokenizer["eos_id"]
     if (lengths <= 0).any() or not (flat.to_numpy()[ends] == eos).all():
         return f"some documents do not end with EOS (id {eos})"
+    if has_prompts:
+        prompts = table.column(PROMPT_LENGTH).fill_null(0).to_numpy()
+        if (prompts < 0).any() or (prompts >= lengths).any():
+            row = int(np.flatnonzero((prompts < 0) | (prompts >= lengths))[0])
+            return (f"row {row}: prompt_length {int(prompts[row])} is outside [0, {int(lengths[row]) - 1}] "
+                    "(a prompt must leave at least the EOS to learn)")
     sources = pc.unique(table.column("source")).to_pylist()
     if sources != [record.source]:
         return f"column 'source' holds {sources[:5]}, but the manifest says this shard is {record.source!r}"
@@ -188,6 +195,8 @@ def _check_shard(storage: Storage, record: ShardRecord, manifest: Manifest, chec
 
 def _schema_problem(schema: pa.Schema, token_dtype: str) -> str | None:
     expected = shard_schema(token_dtype)
+    if PROMPT_LENGTH in schema.names:
+        expected = shard_schema(token_dtype, with_prompt_length=True)
     for want in expected:
         if want.name not in schema.names:
             return (f"wrong schema: no column {want.name!r} (columns: {schema.names}); "
