@@ -1,7 +1,9 @@
 """Guardian detection latency per fault, and rollback time vs a plain checkpoint load of the same size.
 
 In-process micro runs (no Ray): each fault is injected at a known step and the bench reads, from the
-run's history, the step of the guardian's first intervention. The rollback is timed inside the loop
+run's history, the step of the guardian's first intervention. shuffle_labels runs on the patterned dataset
+of tests/runs.py (on the sample corpus the micro model is still near unigram statistics at that step,
+which shuffled labels keep, so there is nothing to see). The rollback is timed inside the loop
 (reload + data cursor rebuild) and compared with loading the same checkpoint into a fresh engine.
 
     .venv/bin/python bench/guardian_response.py
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from raytrainer.fault.guardian import Guardian  # noqa: E402
 from raytrainer.train.loop import Trainer, WorkerEnv  # noqa: E402
 from raytrainer.train.ray_entry import build_trainer  # noqa: E402
-from runs import make_dataset, micro_config  # noqa: E402
+from runs import make_dataset, make_patterned_dataset, micro_config  # noqa: E402
 
 INJECT_AT = 25
 FAULTS = {"nan_loss": [], "grad_explode": [], "loss_spike": [], "shuffle_labels": []}
@@ -40,8 +42,10 @@ def main() -> None:
     results: dict = {"inject_at_step": INJECT_AT, "detection_latency_steps": {}}
     try:
         dataset = make_dataset(tmp)
+        patterned = make_patterned_dataset(tmp)
         for kind in FAULTS:
-            cfg = micro_config(dataset, str(tmp / kind), name=kind, steps=35,
+            data = patterned if kind == "shuffle_labels" else dataset
+            cfg = micro_config(data, str(tmp / kind), name=kind, steps=35,
                                extra=[f"faults=[{{step: {INJECT_AT}, kind: {kind}}}]"])
             history, _ = run(cfg)
             hits = [h["step"] for h in history if h.get("action") not in (None, "continue")]

@@ -219,3 +219,21 @@ def test_nan_values_in_events_are_json_safe():
     g.decide(0, {"loss": math.nan, "grad_norm": math.inf})
     assert events[0]["loss"] == "nan" and events[0]["grad_norm"] == "inf"
     json.dumps(g.state_dict(), allow_nan=False)
+
+
+def test_a_restore_reports_the_stall_and_the_steps_done_again():
+    now = [1000.0]
+    g = Guardian(GuardianConfig(), run_name="test", clock=lambda: now[0])
+    for s in range(13):  # a checkpoint for step 10 is committed; the workers then die after step 12
+        g.decide(s, stats(s))
+        now[0] += 1.0
+        if s + 1 == 10:
+            g.on_checkpoint(10)
+            saved = g.state_dict()
+    now[0] += 20.0  # failure detection, restart, reload
+    g.load_state_dict(saved)
+    g.decide(10, stats(10))
+    resumed = [e for e in g.events if e["event"] == "resumed"]
+    assert resumed == [{**resumed[0], "step": 10, "last_step_before": 12, "stalled_s": 21.0, "steps_redone": 3}]
+    g.decide(11, stats(11))
+    assert len([e for e in g.events if e["event"] == "resumed"]) == 1  # once per restore

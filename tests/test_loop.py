@@ -13,7 +13,7 @@ from raytrainer.fault.events import EventLog, RunStore, read_events
 from raytrainer.fault.guardian import Guardian
 from raytrainer.train.loop import GuardianAbort, WorkerEnv
 from raytrainer.train.ray_entry import build_trainer
-from runs import make_dataset, micro_config
+from runs import make_dataset, make_patterned_dataset, micro_config
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,21 @@ def test_single_fault_is_skipped(kind, dataset, tmp_path, clean_run):
     assert abs(_final_loss(history) - _final_loss(clean_history)) < 0.15
     events = read_events(RunStore.for_run(cfg))
     assert any(e.get("event") == "skip" and e.get("step") == 23 for e in events)
+
+
+def test_shuffled_labels_are_caught_once_the_model_has_learned_the_structure(tmp_path):
+    """Shuffling targets within a row keeps its token counts, so it only shows once the model predicts from
+    context: on patterned data it learns fast, the shuffle at step 30 is skipped, the run ends as clean."""
+    dataset = make_patterned_dataset(tmp_path)
+    clean, _ = train(micro_config(dataset, str(tmp_path / "clean"), name="clean", steps=40))
+    cfg = micro_config(dataset, str(tmp_path / "shuffled"), name="shuffled", steps=40,
+                       extra=["faults=[{step: 30, kind: shuffle_labels}]"])
+    history, _ = train(cfg)
+    actions = {h["step"]: h["action"] for h in history if h.get("action") not in (None, "continue")}
+    assert actions == {30: "skip"}
+    assert losses(clean)[29] < 1.5 and history[30]["loss"] > 2 * losses(clean)[29]
+    assert abs(_final_loss(history) - _final_loss(clean)) < 0.1
+    assert any(e.get("event") == "skip" and e.get("step") == 30 for e in read_events(RunStore.for_run(cfg)))
 
 
 def test_spike_rolls_back_to_last_healthy_checkpoint_and_skips_the_window(dataset, tmp_path, clean_run):

@@ -16,6 +16,7 @@ import ray
 
 from raytrainer.config import ConfigError
 from raytrainer.fault.checkpoint_store import CheckpointStore
+from raytrainer.fault.events import RunStore, read_events
 from raytrainer.storage import StorageError
 from runs import make_dataset, micro_config
 
@@ -49,13 +50,18 @@ def test_s3_checkpoints_survive_a_crash_a_hang_and_a_resubmission(dataset, s3_se
     extra = [*s3_overrides(s3_server), "parallel.min_workers=2", "parallel.max_workers=2",
              "guardian.step_timeout_s=20"]
     t0 = time.monotonic()
-    first = run(micro_config(dataset, s3_url, name="s3run", steps=20,
-                             extra=[*extra, "faults=[{step: 12, kind: crash, rank: 1}]"]))
+    first_cfg = micro_config(dataset, s3_url, name="s3run", steps=20,
+                             extra=[*extra, "faults=[{step: 12, kind: crash, rank: 1}]"])
+    first = run(first_cfg)
     assert first["step"] == 20 and first["checkpoint"].startswith("s3://")
     assert first["metrics"]["start_step"] == 10  # the attempt after the crash began at the last checkpoint
     store = CheckpointStore(s3_url, "s3run", s3_server.s3_config())
     assert store.steps() == [10, 20] and {c.world_size for c in store.list()} == {2}
     assert store.verify(20, full=True).ok
+    resumed = [e for e in read_events(RunStore.for_run(first_cfg)) if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] == 10  # the guardian actor saw the restart ...
+    assert resumed[0]["steps_redone"] == resumed[0]["last_step_before"] + 1 - 10 <= 10  # ... and its cost
+    assert 0 < resumed[0]["stalled_s"] < 300
     ray.shutdown()
 
     faults = "faults=[{step: 12, kind: crash, rank: 1}, {step: 24, kind: hang, rank: 0}]"

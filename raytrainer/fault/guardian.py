@@ -48,6 +48,10 @@ State
 position of that checkpoint but never forgets what the live guardian already knows: skipped ranges are
 united, the rollback count is the larger of the two, so a crash loop cannot reset the escalation and a
 restarted or resubmitted job never replays a window it skipped.
+
+Recoveries: the first step reported after a restore emits a `resumed` event with the last step seen before
+it, the seconds without progress in between (`stalled_s`: failure detection, restart and reload) and the
+steps done again (`steps_redone`), so the events log shows what each failure cost.
 """
 
 from __future__ import annotations
@@ -137,6 +141,9 @@ class Guardian:
         self._aborted: str | None = None
         self._events: list[dict] = []
         self._seq = 0
+        # Live only (the actor outlives worker restarts): the last step seen, to report each recovery.
+        self._last_seen: tuple[int, float] | None = None
+        self._restored = False
 
     # ------------------------------------------------------------------ the per-step call
 
@@ -151,6 +158,7 @@ class Guardian:
         if self._aborted is not None:
             return Decision("abort", self._aborted)
         batch = report.batch if report.batch is not None else self.batch_for(step)
+        self._note_progress(step)
         self._history.append((step, batch))
         self._next = (step + 1, self._skip_out(batch + 1))
         lr_factor = self.lr_factor(step)
@@ -348,6 +356,18 @@ class Guardian:
         self._next = (resume_step, self._skip_out(resume_batch))
         self._emit({"event": "restore", "step": resume_step, "batch": self._next[1],
                     "skipped": self.skipped_ranges(), "rollbacks": self.rollbacks})
+        self._restored = True
+
+    def _note_progress(self, step: int) -> None:
+        """After a restore, the first step reported says how long the run made no progress and how many
+        steps it does again: the cost of the failure, in the events log."""
+        now = self.clock()
+        if self._restored and self._last_seen is not None:
+            last_step, last_time = self._last_seen
+            self._emit({"event": "resumed", "step": step, "last_step_before": last_step,
+                        "stalled_s": round(now - last_time, 3), "steps_redone": max(0, last_step + 1 - step)})
+        self._restored = False
+        self._last_seen = (step, now)
 
     # ------------------------------------------------------------------ helpers
 

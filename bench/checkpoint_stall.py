@@ -1,0 +1,160 @@
+"""Training stall per checkpoint: asynchronous vs synchronous upload, to a real S3 server (SeaweedFS).
+
+The tiny model trains in this process (the Ray worker's loop, without Ray) for --steps steps, saving every
+--every steps to s3:// on a SeaweedFS server started here. Three kinds of run, interleaved over --rounds:
+  none    no checkpoint until the end (the baseline)
+  sync    checkpoint.async_upload=false: the loop waits for the upload and commit
+  async   checkpoint.async_upload=true: the loop waits for the local staging only
+
+Two figures per mode, both per mid-run checkpoint (the final one is always synchronous and not counted):
+  blocked   seconds the loop spends inside the save call
+  wall      (run time - baseline run time) / checkpoints, the run time including the wait for the last
+            upload: what the checkpoints really cost, background work competing for the cores included
+
+    .venv/bin/python bench/checkpoint_stall.py [--steps 24] [--every 4] [--rounds 3]
+
+Last line: `async_vs_sync_stall: <async wall stall / sync wall stall>`; JSON in
+bench/results/checkpoint_stall.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed_run(cfg) -> dict:
+    import torch
+
+    from raytrainer.fault.guardian import Guardian
+    from raytrainer.train.loop import WorkerEnv
+    from raytrainer.train.ray_entry import build_trainer
+
+    trainer = build_trainer(cfg, WorkerEnv(), torch.device("cpu"), guardian=Guardian(cfg.guardian))
+    blocked: list[float] = []
+    save = trainer.checkpoints.save
+
+    def timed_save(state, engine, final=False):
+        started = time.perf_counter()
+        save(state, engine, final=final)
+        if not final:
+            blocked.append(time.perf_counter() - started)
+
+    trainer.checkpoints.save = timed_save
+    step = trainer.restore()
+    started = time.perf_counter()
+    while step < cfg.train.steps:
+        step = trainer.train_step(step)
+    trainer.checkpoints.wait()  # the last background upload is part of the cost
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "saves": len(blocked), "blocked_s": blocked}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--every", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the rest is left to uploads)")
+    args = parser.parse_args()
+
+    import torch
+
+    from raytrainer.config import load_config
+    from raytrainer.storage_server import LocalS3Server
+    from runs import make_dataset
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="checkpoint-stall-"))
+    server = LocalS3Server(work / "s3").start()
+    try:
+        dataset = make_dataset(work)
+        s3 = server.s3_config()
+
+        def config(mode: str, round_: int):
+            every = args.steps * 10 if mode == "none" else args.every
+            return load_config("tiny", [
+                f"data.path={dataset}", f"train.steps={args.steps}", f"run.name={mode}-{round_}",
+                f"checkpoint.storage={server.url('stall')}", f"checkpoint.s3.endpoint_url={s3.endpoint_url}",
+                f"checkpoint.s3.access_key_id={s3.access_key_id}",
+                f"checkpoint.s3.secret_access_key={s3.secret_access_key}",
+                f"checkpoint.every_steps={every}", f"checkpoint.async_upload={mode == 'async'}",
+                "checkpoint.every_minutes=null", "train.log_every=1000",
+            ])
+
+        runs: dict[str, list[dict]] = {"none": [], "sync": [], "async": []}
+        for r in range(args.rounds):
+            order = ["none", "sync", "async"] if r % 2 == 0 else ["async", "sync", "none"]
+            for mode in order:
+                result = timed_run(config(mode, r))
+                runs[mode].append(result)
+                print(f"round {r} {mode:5s}: {result['wall_s']:.2f}s, {result['saves']} saves, blocked "
+                      f"{sum(result['blocked_s']):.2f}s", flush=True)
+
+        base = statistics.median(x["wall_s"] for x in runs["none"])
+        summary = {}
+        for mode in ("sync", "async"):
+            saves = runs[mode][0]["saves"]
+            summary[mode] = {
+                "checkpoints_per_run": saves,
+                "blocked_s_per_checkpoint": statistics.median(statistics.mean(x["blocked_s"]) for x in runs[mode]),
+                "wall_stall_s_per_checkpoint": (statistics.median(x["wall_s"] for x in runs[mode]) - base) / saves,
+            }
+        step_s = base / args.steps
+        result = {
+            "name": "checkpoint_stall",
+            "config": {"model": "tiny", "steps": args.steps, "every": args.every, "rounds": args.rounds,
+                       "torch_threads": args.threads},
+            "checkpoint_mb": _checkpoint_mb(server, "sync-0"),
+            "baseline_step_s": step_s,
+            "runs": runs,
+            **summary,
+            "async_vs_sync_stall": summary["async"]["wall_stall_s_per_checkpoint"]
+            / summary["sync"]["wall_stall_s_per_checkpoint"],
+            "async_vs_sync_blocked": summary["async"]["blocked_s_per_checkpoint"]
+            / summary["sync"]["blocked_s_per_checkpoint"],
+            "async_stall_vs_interval": summary["async"]["wall_stall_s_per_checkpoint"] / (args.every * step_s),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "checkpoint_stall.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"checkpoint: {result['checkpoint_mb']:.1f} MB; baseline step {step_s:.3f}s")
+    for mode in ("sync", "async"):
+        s = result[mode]
+        print(f"{mode}: blocked {s['blocked_s_per_checkpoint']:.3f}s, wall stall "
+              f"{s['wall_stall_s_per_checkpoint']:.3f}s per checkpoint")
+    print(f"async_stall_vs_interval: {result['async_stall_vs_interval']:.3f}")
+    print(f"async_vs_sync_blocked: {result['async_vs_sync_blocked']:.3f}")
+    print(f"async_vs_sync_stall: {result['async_vs_sync_stall']:.3f}")
+
+
+def _checkpoint_mb(server, run: str) -> float:
+    import s3fs
+
+    from raytrainer.storage import s3fs_options
+
+    fs = s3fs.S3FileSystem(**s3fs_options(server.s3_config()))
+    files = fs.find(f"{server.bucket}/stall/{run}/checkpoints", detail=True)
+    steps = {path.split("/checkpoints/")[1].split("/")[0] for path in files}
+    return sum(info["size"] for info in files.values()) / max(1, len(steps)) / 1e6
+
+
+if __name__ == "__main__":
+    main()
