@@ -23,6 +23,7 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -256,12 +257,12 @@ class RayStepStream:
 
     Upcoming steps are planned in windows (`window_chunks` chunks of about `chunk_tokens` tokens each); each
     window is one Ray Data execution whose blocks a thread of its own pulls as they are made. The next
-    window is launched as soon as the previous one is, so its start-up overlaps the previous one's work
-    instead of stalling the trainer at a window boundary. The planner is owned by the thread from here on;
+    window is planned and launched by a helper thread as soon as the previous one starts handing out
+    steps, so its planning and start-up overlap that work instead of stalling the trainer at a boundary. The planner is owned by the thread from here on;
     close() stops everything (the caller then rebuilds a planner from the cursor of the last step taken)."""
 
     def __init__(self, planner: Planner, spec: ReadSpec, rank: int, world_size: int, prefetch_batches: int,
-                 chunk_tokens: int = 1 << 20, max_chunk_steps: int = 64, window_chunks: int = 4,
+                 chunk_tokens: int = 1 << 20, max_chunk_steps: int = 64, window_chunks: int = 16,
                  concurrency: int = 2):
         self._queue: queue.Queue = queue.Queue(maxsize=max(2, prefetch_batches) * 4)
         self._stop = threading.Event()
@@ -314,7 +315,9 @@ def _put(q: queue.Queue, item: object, stop: threading.Event) -> bool:
 class _Chunking:
     chunk_tokens: int  # a Ray task materialises about this many tokens (fewer tasks, less overhead) ...
     max_chunk_steps: int  # ... but no more steps than this (the first step of a chunk waits for all of it)
-    window_chunks: int  # chunks per Ray Data execution
+    # Chunks per Ray Data execution. Every execution costs a start-up (~0.5 s on 2 busy cores), so windows
+    # are long: 16 chunks of 1M tokens. Memory stays bounded, Ray Data streams a window's blocks.
+    window_chunks: int
     concurrency: int  # Ray tasks at once per window; each process keeps its own shard cache
     prefetch_batches: int  # blocks Ray Data fetches ahead of the puller
 
@@ -414,16 +417,19 @@ def _produce(planner: Planner, spec: ReadSpec, rank: int, world_size: int, chunk
         windows[:] = [w for w in windows if w._thread.is_alive()] + [window]
         return window
 
+    # The next window is planned and started by a helper thread while this one hands out the current
+    # window's steps, so that neither planning nor Ray Data's start-up holds up a step already made.
     try:
-        current = launch()
-        while not stop.is_set():
-            following = launch()
-            rows = _Rows(current.blocks())
-            for planned, row_range, work, cursor in current.steps:
-                arrays = rows.take(work.n_rows, planned.batch) if work is not None else None
-                if not _put(q, StepData(planned, row_range, arrays, cursor), stop):
-                    break
-            current = following
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-feed-plan") as planning:
+            current = launch()
+            while not stop.is_set():
+                following = planning.submit(launch)
+                rows = _Rows(current.blocks())
+                for planned, row_range, work, cursor in current.steps:
+                    arrays = rows.take(work.n_rows, planned.batch) if work is not None else None
+                    if not _put(q, StepData(planned, row_range, arrays, cursor), stop):
+                        break
+                current = following.result()
     except StopIteration:
         if not stop.is_set():
             _put(q, RuntimeError("the data pipeline ended before its planned steps were made"), stop)
