@@ -258,8 +258,9 @@ class RayStepStream:
     Upcoming steps are planned in windows (`window_chunks` chunks of about `chunk_tokens` tokens each); each
     window is one Ray Data execution whose blocks a thread of its own pulls as they are made. The next
     window is planned and launched by a helper thread as soon as the previous one starts handing out
-    steps, so its planning and start-up overlap that work instead of stalling the trainer at a boundary. The planner is owned by the thread from here on;
-    close() stops everything (the caller then rebuilds a planner from the cursor of the last step taken)."""
+    steps, so its planning and start-up overlap that work instead of stalling the trainer at a boundary.
+    The planner is owned by the thread from here on; close() stops everything (the caller then rebuilds a
+    planner from the cursor of the last step taken)."""
 
     def __init__(self, planner: Planner, spec: ReadSpec, rank: int, world_size: int, prefetch_batches: int,
                  chunk_tokens: int = 1 << 20, max_chunk_steps: int = 64, window_chunks: int = 16,
