@@ -273,6 +273,29 @@ def test_async_upload_error_surfaces_on_the_next_call(tmp_path, monkeypatch):
     assert store.steps() == [4]
 
 
+def test_async_save_writes_the_late_files_before_listing_them_and_a_failed_write_commits_nothing(tmp_path):
+    store = CheckpointStore(str(tmp_path / "s"), RUN)
+    staged = stage(tmp_path, 5, 0)
+    late = staged / "model" / ".metadata"
+
+    def write_model() -> None:
+        late.write_bytes(b"weights written on the upload thread")
+
+    store.save_rank_async(5, staged, 0, 1, write_first=write_model)
+    store.wait()
+    assert store.is_complete(5) and store.verify(5, full=True).ok
+    assert "model/.metadata" in primary(store, 5).list_files()
+
+    def failing_write() -> None:
+        raise OSError("no space left on device")
+
+    store.save_rank_async(6, stage(tmp_path, 6, 0), 0, 1, write_first=failing_write)
+    with pytest.raises(CheckpointError, match="no space left"):
+        store.wait()
+    assert store.steps() == [5]
+    store.close()
+
+
 # --------------------------------------------------------------------------- mirror
 
 

@@ -274,6 +274,28 @@ def test_a_tiny_model_overfits_a_fixed_batch_through_the_engine():
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
+def exp_avgs(strategy) -> dict[str, torch.Tensor]:
+    return {n: strategy.optimizer.state[p]["exp_avg"] for n, p in strategy.module.named_parameters()}
+
+
+def test_a_staged_checkpoint_is_the_state_at_staging_even_if_written_after_more_steps(tmp_path):
+    cfg = tiny_config("train.ema_decay=0.9")
+    strategy, engine = build(cfg)
+    engine.train_step([make_batch(cfg, rows=2)], step=0)
+    at_staging = {n: p.detach().clone() for n, p in params(strategy).items()}
+    moments = {n: m.clone() for n, m in exp_avgs(strategy).items()}
+    ema = {n: t.clone() for n, t in engine.ema.shadow.items()}
+    write = engine.stage_checkpoint(tmp_path / "ck")
+    engine.train_step([make_batch(cfg, rows=2)], step=1)  # changes weights, moments and EMA in place
+    write()
+    restored, restored_engine = build(cfg, seed=5)
+    restored_engine.load_checkpoint(tmp_path / "ck", saved_world_size=1)
+    assert not torch.equal(params(strategy)["embed_tokens.weight"], at_staging["embed_tokens.weight"])
+    assert all(torch.equal(p, at_staging[n]) for n, p in params(restored).items())
+    assert all(torch.equal(exp_avgs(restored)[n], m) for n, m in moments.items())
+    assert all(torch.equal(t, ema[n]) for n, t in restored_engine.ema.shadow.items())
+
+
 class _Payload:
     def __reduce__(self):
         import os

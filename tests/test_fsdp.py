@@ -158,3 +158,32 @@ def test_dcp_checkpoint_reshards_two_to_one_and_back_with_identical_outputs(tmp_
         for (loss, norm), (loss_ref, norm_ref) in zip(curve, two["continued"], strict=True):
             assert loss == pytest.approx(loss_ref, rel=1e-5)
             assert norm == pytest.approx(norm_ref, rel=1e-4)
+
+
+def run_staged_save(rank: int, world_size: int, out_dir, phase: str) -> None:
+    import threading
+
+    cfg = fsdp_config()
+    strategy, engine = build(cfg, rank, world_size)
+    if phase == "stage":
+        train_steps(engine, cfg, [0, 1, 2], rank, world_size)
+        logits = probe_logits(strategy, cfg)
+        write = engine.stage_checkpoint(out_dir / "staged" / f"rank{rank}")
+        writer = threading.Thread(target=write)
+        writer.start()  # the write's collectives run beside the training step's, on a group of their own
+        train_steps(engine, cfg, [3, 4], rank, world_size)
+        writer.join()
+        save_result(out_dir, phase, rank, {"logits": logits, "after": probe_logits(strategy, cfg)})
+    else:
+        merged = merge_rank_dirs(sorted((out_dir / "staged").iterdir()), out_dir / f"merged-staged-{rank}")
+        engine.load_checkpoint(merged, saved_world_size=2)
+        save_result(out_dir, phase, rank, {"logits": probe_logits(strategy, cfg)})
+
+
+@pytest.mark.slow
+def test_a_staged_save_holds_the_state_of_when_it_was_staged_while_training_goes_on(tmp_path):
+    spawn(run_staged_save, 2, tmp_path, "stage")
+    spawn(run_staged_save, 1, tmp_path, "load")
+    staged, loaded = load_result(tmp_path, "stage"), load_result(tmp_path, "load")
+    assert not torch.equal(staged["after"], staged["logits"])  # training moved on while it was written
+    assert torch.equal(loaded["logits"], staged["logits"])

@@ -273,11 +273,13 @@ class CheckpointStore:
         metadata: dict[str, Any] | None = None,
         save_id: str | None = None,
         delete_local: bool = False,
+        write_first: Callable[[], None] | None = None,
     ) -> None:
         """Queue the upload and return; local_dir must stay untouched until it is done (use one staging
-        directory per step, or delete_local=True to remove it after a successful upload). Blocks only
-        when `max_pending` uploads are already queued. A failure is raised by the next call on this store
-        (save_rank*, wait, close)."""
+        directory per step, or delete_local=True to remove it after a successful upload). `write_first`,
+        if given, runs on the upload thread before local_dir is listed (it writes the rest of its files).
+        Blocks only when `max_pending` uploads are already queued. A failure is raised by the next call on
+        this store (save_rank*, wait, close)."""
         self._raise_async_errors()
         job = self._job(step, local_dir, rank, world_size, metadata, save_id)
         if self._worker is None or not self._worker.is_alive():
@@ -290,7 +292,7 @@ class CheckpointStore:
             )
             self._worker.start()
         assert self._queue is not None
-        self._queue.put((job, delete_local))
+        self._queue.put((job, delete_local, write_first))
 
     def wait(self) -> list[CommitRecord]:
         """Block until every queued upload is finished; raise the first failure. Returns the records
@@ -323,7 +325,9 @@ class CheckpointStore:
             try:
                 if item is None:
                     return
-                job, delete_local = item
+                job, delete_local, write_first = item
+                if write_first is not None:
+                    write_first()
                 record = self._save(*job)
                 with self._lock:
                     self._done.append(record)

@@ -6,8 +6,9 @@
         rng/rank-XXXXX.json         every rank's RNG states
         _commit/rank-XXXXX.json     written by the store after each rank's upload (sizes, sha256)
 
-Every rank stages its own files locally and hands them to the CheckpointStore, which uploads them
-(in the background when checkpoint.async_upload) and commits them. Nothing here unpickles: JSON for
+Every rank stages its own files locally and hands them to the CheckpointStore, which uploads them and
+commits them. With checkpoint.async_upload the step waits only for a host-memory copy of the model and
+optimizer state; the upload thread writes it to disk, then uploads it. Nothing here unpickles: JSON for
 state, DCP/DeepSpeed files for tensors.
 """
 
@@ -97,7 +98,12 @@ class CheckpointManager:
     def save(self, state: TrainerState, engine: Any, final: bool = False) -> None:
         local = self.staging / f"save-{state.step:08d}-{uuid.uuid4().hex[:8]}"
         local.mkdir(parents=True)
-        engine.save_checkpoint(local / MODEL_DIR)
+        in_background = self.cfg.checkpoint.async_upload and not final
+        # Asynchronous: the step waits only for a host-memory copy of the state; the upload thread writes
+        # it to local disk and then uploads it (strategies that cannot stage write it here and now).
+        write = engine.stage_checkpoint(local / MODEL_DIR) if in_background else None
+        if write is None:
+            engine.save_checkpoint(local / MODEL_DIR)
         (local / "rng").mkdir()
         (local / "rng" / f"rank-{self.env.rank:05d}.json").write_text(json.dumps(rng_state()))
         if self.env.rank == 0:
@@ -108,13 +114,12 @@ class CheckpointManager:
             (local / STATE_FILE).write_text(json.dumps(asdict(state), default=_json_default))
         save_id = self.env.broadcast(uuid.uuid4().hex if self.env.rank == 0 else None)
         args = (state.step, local, self.env.rank, self.env.world_size, {"final": final}, save_id, True)
-        if self.cfg.checkpoint.async_upload and not final:
-            self.store.save_rank_async(*args)
+        if in_background:
+            self.store.save_rank_async(*args, write_first=write)
         else:
             self.store.save_rank(*args)
         if self.env.rank == 0:
-            log.info("checkpoint step %d staged (%s upload)", state.step,
-                     "async" if self.cfg.checkpoint.async_upload and not final else "sync")
+            log.info("checkpoint step %d staged (%s upload)", state.step, "async" if in_background else "sync")
 
     def wait(self) -> None:
         self.store.wait()

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -76,13 +78,22 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def save(state: dict, directory: str | Path) -> None:
+def save(state: dict, directory: str | Path, process_group: dist.ProcessGroup | None = None) -> None:
     """Write `state` (nested dicts of tensors / DTensors and plain values) as a DCP checkpoint; every rank
-    of the process group (if any) calls this and writes its own shard files."""
+    of the process group (if any; the default group unless one is given) calls this and writes its own
+    shard files."""
     with warnings.catch_warnings():
         # single process: DCP warns that it assumes a single process, which is what we want
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory)))
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory)), process_group=process_group)
+
+
+def host_copy(state: dict) -> dict:
+    """A copy of `state` whose tensors (DTensor shards included) are new host-memory tensors holding
+    today's values: training may change the originals while the copy is written."""
+    copy = _create_cpu_state_dict(state)
+    _copy_state_dict(state, copy, type_check=False)
+    return copy
 
 
 def load(state: dict, directory: str | Path) -> None:

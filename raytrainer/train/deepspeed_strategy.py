@@ -226,6 +226,9 @@ class DeepSpeedStrategy(Strategy):
             self._overflowed = False
 
     # ---- checkpoints
+    def stage_save(self, directory: Path, extra: dict | None = None) -> None:
+        return None  # DeepSpeed writes its own files (and runs its own collectives) inside save()
+
     def save(self, directory: Path, extra: dict | None = None) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

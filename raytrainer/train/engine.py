@@ -205,6 +205,12 @@ class StepEngine:
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else None
         self.strategy.save(Path(directory), extra=extra)
 
+    def stage_checkpoint(self, directory: Path):
+        """Like save_checkpoint, but only copies the state now and returns the function that writes it
+        (None where the strategy cannot stage; then call save_checkpoint)."""
+        extra = {"ema": self.ema.state_dict()} if self.ema is not None else None
+        return self.strategy.stage_save(Path(directory), extra=extra)
+
     def load_checkpoint(self, directory: Path, saved_world_size: int) -> None:
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else None
         self.strategy.load(Path(directory), saved_world_size, extra=extra)

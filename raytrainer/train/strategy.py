@@ -9,6 +9,7 @@
     strategy.optimizer_step(); strategy.zero_grad()
     strategy.all_reduce_sum(x)       a float summed over ranks
     strategy.save(dir, extra) / strategy.load(dir, saved_world_size, extra)
+    write = strategy.stage_save(dir, extra); ...; write()   a save whose writing happens later (async checkpoints)
 
 SingleProcess and DDP live here; FSDP2 (fsdp.py) and DeepSpeed ZeRO (deepspeed_strategy.py) implement
 the same interface. Model + optimizer (+ EMA, as `extra`) state goes through DCP (dcp_io), which reshards on
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -125,6 +127,23 @@ class Strategy:
         """Model + optimizer (+ `extra`, e.g. {"ema": tensors}) as DCP; every rank calls it."""
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         dcp_io.save({"model": model_sd, "optim": optim_sd, **(extra or {})}, directory)
+
+    def stage_save(self, directory: Path, extra: dict | None = None) -> Callable[[], None] | None:
+        """Copy model + optimizer (+ `extra`) into host memory now and return the function that writes that
+        copy as DCP later, from a background thread, while training goes on; every rank calls both, in
+        the same order. The write's collectives go through a gloo group of their own, so they never
+        interleave with the training step's. None where the strategy cannot stage (then save())."""
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        snapshot = dcp_io.host_copy({"model": model_sd, "optim": optim_sd, **(extra or {})})
+        group = self._checkpoint_group()
+        return lambda: dcp_io.save(snapshot, directory, process_group=group)
+
+    def _checkpoint_group(self) -> dist.ProcessGroup | None:
+        if not distributed():
+            return None
+        if getattr(self, "_ckpt_group", None) is None:
+            self._ckpt_group = dist.new_group(backend="gloo")  # collective: every rank is here together
+        return self._ckpt_group
 
     def load(self, directory: Path, saved_world_size: int, extra: dict | None = None) -> None:
         """Load what save wrote, at any world size; `extra`'s tensors are filled in place."""
