@@ -1,9 +1,16 @@
 """Trainer throughput on this machine: the bare step engine vs the Ray trainer on 1 worker, and 1 vs 2 workers.
 
 The same tiny model, data and global batch for all three; each figure is the median tokens/s over the
-last steps of its run (wall time between steps: data, guardian round trip and optimizer step included).
+last two thirds of its run (wall time between steps: data, guardian round trip and optimizer step
+included). The bare engine (the same Trainer loop in this process, no Ray) runs before and after the Ray
+runs, and its mean is the reference, so drift in the machine's speed during the bench cancels out.
 
-    .venv/bin/python bench/trainer_throughput.py [--steps 30]
+Each process trains with --threads torch threads (default 1, and 1 per worker with 2 workers): on a 2-core
+machine, two threads would share their cores with Ray's own daemons and Ray Data tasks, and every
+preemption stalls both threads at their next sync point, so the figure would measure the size of this
+machine rather than what Ray costs the training process.
+
+    .venv/bin/python bench/trainer_throughput.py [--steps 40] [--threads 1]
 """
 
 from __future__ import annotations
@@ -36,24 +43,32 @@ def median_rate(history: list[dict]) -> float:
     return rates[len(rates) // 2]
 
 
+def engine_rate(storage: str, name: str, steps: int, threads: int) -> float:
+    cfg = config(storage, name, steps, 1, threads)
+    torch.set_num_threads(threads)
+    trainer = build_trainer(cfg, WorkerEnv(), torch.device("cpu"), guardian=Guardian(cfg.guardian))
+    return median_rate(trainer.fit()["history"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the 1-worker runs")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="rt-bench-")
     try:
-        cfg = config(tmp, "engine", args.steps, 1, 2)
-        torch.set_num_threads(2)
-        trainer = build_trainer(cfg, WorkerEnv(), torch.device("cpu"), guardian=Guardian(cfg.guardian))
-        engine_rate = median_rate(trainer.fit()["history"])
-        results = {"engine_1proc_tokens_per_s": engine_rate}
+        results = {"engine_before_tokens_per_s": engine_rate(tmp, "engine-before", args.steps, args.threads)}
         for workers in (1, 2):
             t0 = time.monotonic()
-            out = run(config(tmp, f"ray{workers}", args.steps, workers, 2 // workers))
+            out = run(config(tmp, f"ray{workers}", args.steps, workers, 1 if workers > 1 else args.threads))
             ray.shutdown()
             results[f"trainer_{workers}w_tokens_per_s"] = out["metrics"]["median_tokens_per_s"]
             results[f"trainer_{workers}w_wall_s"] = time.monotonic() - t0
-        results["trainer_vs_engine"] = results["trainer_1w_tokens_per_s"] / engine_rate
+        results["engine_after_tokens_per_s"] = engine_rate(tmp, "engine-after", args.steps, args.threads)
+        engine = (results["engine_before_tokens_per_s"] + results["engine_after_tokens_per_s"]) / 2
+        results["engine_1proc_tokens_per_s"] = engine
+        results["torch_threads"] = args.threads
+        results["trainer_vs_engine"] = results["trainer_1w_tokens_per_s"] / engine
         results["two_vs_one_worker"] = results["trainer_2w_tokens_per_s"] / results["trainer_1w_tokens_per_s"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
