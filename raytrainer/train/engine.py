@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,7 +206,7 @@ class StepEngine:
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else None
         self.strategy.save(Path(directory), extra=extra)
 
-    def stage_checkpoint(self, directory: Path):
+    def stage_checkpoint(self, directory: Path) -> Callable[[], None] | None:
         """Like save_checkpoint, but only copies the state now and returns the function that writes it
         (None where the strategy cannot stage; then call save_checkpoint)."""
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else None
