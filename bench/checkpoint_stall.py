@@ -111,10 +111,10 @@ def main() -> None:
                 "checkpoints_per_run": runs[mode][0]["saves"],
                 "stall_s_per_checkpoint": statistics.median(statistics.mean(x["blocked_s"]) for x in runs[mode]),
             }
-        step_s = statistics.median(x["wall_s"] for x in runs["sync"]) / args.steps
+        # the step time: from the runs without checkpoints where there are some, else from the sync runs
+        step_s = statistics.median(x["wall_s"] for x in runs[modes[0]]) / args.steps
         if args.baseline:
-            base = statistics.median(x["wall_s"] for x in runs["none"])
-            step_s = base / args.steps
+            base = step_s * args.steps
             for mode in ("sync", "async"):
                 summary[mode]["wall_s_per_checkpoint"] = (
                     statistics.median(x["wall_s"] for x in runs[mode]) - base) / summary[mode]["checkpoints_per_run"]
@@ -144,6 +144,7 @@ def main() -> None:
         print(f"{mode}: stall {s['stall_s_per_checkpoint']:.3f}s per checkpoint{wall}")
     print(f"async_stall_vs_step: {result['async_stall_vs_step']:.4f}")
     print(f"async_vs_sync_stall: {result['async_vs_sync_stall']:.3f}")
+
 
 def _checkpoint_mb(server, run: str) -> float:
     import s3fs

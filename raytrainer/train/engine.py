@@ -201,19 +201,21 @@ class StepEngine:
         self.updates_applied = int(state.get("updates_applied", 0))
         self.updates_skipped = int(state.get("updates_skipped", 0))
 
+    def _checkpoint_extra(self) -> dict | None:
+        """The EMA tensors, saved and loaded beside the model through the strategy."""
+        return {"ema": self.ema.state_dict()} if self.ema is not None else None
+
     def save_checkpoint(self, directory: Path) -> None:
         """Model + optimizer (+ EMA) through the strategy; every rank calls it."""
-        extra = {"ema": self.ema.state_dict()} if self.ema is not None else None
-        self.strategy.save(Path(directory), extra=extra)
+        self.strategy.save(Path(directory), extra=self._checkpoint_extra())
 
     def stage_checkpoint(self, directory: Path) -> Callable[[], None] | None:
         """Like save_checkpoint, but only copies the state now and returns the function that writes it
         (None where the strategy cannot stage; then call save_checkpoint)."""
-        extra = {"ema": self.ema.state_dict()} if self.ema is not None else None
-        return self.strategy.stage_save(Path(directory), extra=extra)
+        return self.strategy.stage_save(Path(directory), extra=self._checkpoint_extra())
 
     def load_checkpoint(self, directory: Path, saved_world_size: int) -> None:
-        extra = {"ema": self.ema.state_dict()} if self.ema is not None else None
+        extra = self._checkpoint_extra()
         self.strategy.load(Path(directory), saved_world_size, extra=extra)
         if extra is not None:
             self.ema.load_state_dict(extra["ema"])

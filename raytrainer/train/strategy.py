@@ -50,6 +50,7 @@ def default_backend(device: torch.device) -> str:
 class Strategy:
     name = "single"
     owns_step = False  # True where the library scales, unscales and steps itself (DeepSpeed)
+    _ckpt_group: dist.ProcessGroup | None = None  # made by the first staged save on more than one rank
 
     def __init__(self, cfg: Config, module: nn.Module, rank: int = 0, world_size: int = 1,
                  device: torch.device | None = None):
@@ -123,32 +124,34 @@ class Strategy:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     # ---- checkpoints
-    def save(self, directory: Path, extra: dict | None = None) -> None:
-        """Model + optimizer (+ `extra`, e.g. {"ema": tensors}) as DCP; every rank calls it."""
+    def _checkpoint_state(self, extra: dict | None) -> dict:
+        """What a checkpoint holds, as DCP sees it: model + optimizer (+ `extra`, e.g. {"ema": tensors})."""
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        dcp_io.save({"model": model_sd, "optim": optim_sd, **(extra or {})}, directory)
+        return {"model": model_sd, "optim": optim_sd, **(extra or {})}
+
+    def save(self, directory: Path, extra: dict | None = None) -> None:
+        """Model + optimizer (+ `extra`) as DCP; every rank calls it."""
+        dcp_io.save(self._checkpoint_state(extra), directory)
 
     def stage_save(self, directory: Path, extra: dict | None = None) -> Callable[[], None] | None:
         """Copy model + optimizer (+ `extra`) into host memory now and return the function that writes that
         copy as DCP later, from a background thread, while training goes on; every rank calls both, in
         the same order. The write's collectives go through a gloo group of their own, so they never
         interleave with the training step's. None where the strategy cannot stage (then save())."""
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        snapshot = dcp_io.host_copy({"model": model_sd, "optim": optim_sd, **(extra or {})})
+        snapshot = dcp_io.host_copy(self._checkpoint_state(extra))
         group = self._checkpoint_group()
         return lambda: dcp_io.save(snapshot, directory, process_group=group)
 
     def _checkpoint_group(self) -> dist.ProcessGroup | None:
         if not distributed():
             return None
-        if getattr(self, "_ckpt_group", None) is None:
+        if self._ckpt_group is None:
             self._ckpt_group = dist.new_group(backend="gloo")  # collective: every rank is here together
         return self._ckpt_group
 
     def load(self, directory: Path, saved_world_size: int, extra: dict | None = None) -> None:
         """Load what save wrote, at any world size; `extra`'s tensors are filled in place."""
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd, **(extra or {})}
+        state = self._checkpoint_state(extra)
         dcp_io.load(state, directory)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
