@@ -1,10 +1,11 @@
 """Data pipeline throughput: packed tokens/s through the Ray Data pipeline, side by side with a raw pyarrow
 read of the same shards, against what the tiny model consumes; and packing efficiency on the sample corpus.
 
-    .venv/bin/python bench/data_pipeline.py [--data data/sample] [--steps 180]
+    .venv/bin/python bench/data_pipeline.py [--data data/sample] [--steps 6000] [--read-tasks 1]
 
 Measured in one run, on the same shards:
-  raw        every shard's `tokens` column read with pyarrow into numpy (best of 3 passes; files cached)
+  raw        every shard's `tokens` column read with pyarrow into numpy (best of 5 passes before and 5 after
+             the Ray run; files cached)
   pipeline   DataFeed.next_step() on rank 0 of 1 through Ray Data, packed tokens delivered as int64 torch
              micro-batches as fast as they are taken. Steady state: the steps after --warm-steps (Ray worker
              processes up, their shard caches filled); also reported over every step after the first, and
@@ -43,7 +44,7 @@ def ensure_dataset(path: str) -> tuple[str, str]:
     return path, "made by make_sample_dataset"
 
 
-def raw_read(dataset: str, passes: int = 3) -> dict:
+def raw_read(dataset: str, passes: int = 5) -> dict:
     import pyarrow.parquet as pq
 
     from raytrainer.data.manifest import Manifest
@@ -154,8 +155,11 @@ def packing_efficiency(dataset: str, seq_len: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/sample")
-    parser.add_argument("--steps", type=int, default=400, help="global batches through each pipeline")
-    parser.add_argument("--warm-steps", type=int, default=100, help="steps before the steady-state rate")
+    # Long runs: the pipeline may hold up to two windows (8 blocks of 4M tokens each) made ahead, and the
+    # steady rate must not be the rate of draining them.
+    parser.add_argument("--steps", type=int, default=6000, help="global batches through each pipeline")
+    parser.add_argument("--warm-steps", type=int, default=2000, help="steps before the steady-state rate")
+    parser.add_argument("--read-tasks", type=int, default=1, help="data.read_tasks: Ray Data tasks at once")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--global-batch-tokens", type=int, default=65536)
     args = parser.parse_args()
@@ -168,7 +172,8 @@ def main() -> None:
     dataset = str(Path(dataset).resolve())
     cfg = load_config("tiny", [f"data.path={dataset}", f"train.seq_len={args.seq_len}",
                                f"train.global_batch_tokens={args.global_batch_tokens}",
-                               f"model.max_seq_len={max(512, args.seq_len)}"])
+                               f"model.max_seq_len={max(512, args.seq_len)}",
+                               f"data.read_tasks={args.read_tasks}"])
     raw_before = raw_read(dataset)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
@@ -186,7 +191,8 @@ def main() -> None:
         "dataset": {"path": dataset, "origin": origin, "tokens": raw_before["tokens"]},
         "stream": {"seq_len": args.seq_len, "global_batch_tokens": args.global_batch_tokens,
                    "micro_batch_size": cfg.train.micro_batch_size,
-                   "prefetch_batches": cfg.data.prefetch_batches},
+                   "prefetch_batches": cfg.data.prefetch_batches,
+                   "read_tasks": cfg.data.read_tasks},
         "raw_read": {"tokens_per_s": raw_rate, "passes": raw_before["tokens_per_s_passes"]
                      + raw_after["tokens_per_s_passes"]},
         "ray_pipeline": on_ray,

@@ -176,6 +176,9 @@ class DataConfig(Section):
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     on_bad_shard: Literal["fail", "skip"] = "fail"
     prefetch_batches: int = Field(4, ge=0)
+    # Ray Data tasks making one rank's batches at once: one task outpaces a GPU's consumption many times
+    # over, and every extra one keeps its own copy of the shards it reads.
+    read_tasks: int = Field(1, gt=0)
     epoch_warning: int = Field(4, gt=0)  # warn when a source is repeated past this many epochs
     shuffle_window_shards: int = Field(16, gt=0)  # an epoch shuffles documents within windows of N shards
     phases: list[Phase] = [Phase()]

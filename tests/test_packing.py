@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -156,3 +157,68 @@ def test_micro_batches_hold_every_row_and_pad_the_rest(n_rows, mbs, extra):
     sizes = micro_batch_sizes(n_rows, mbs, accum)
     assert len(sizes) == accum and sum(sizes) == n_rows and max(sizes, default=0) <= mbs
     assert sizes.count(0) >= extra
+
+
+def reference_fill_rows(n_rows, seq_len, next_doc, carry=None):
+    """Row by row, token counts only: the packing rule in its plainest form."""
+    segments = []
+    for row in range(n_rows):
+        filled = 0
+        while filled < seq_len:
+            if carry is None:
+                piece = next_doc()
+                if piece is None:
+                    return np.array(segments, dtype=np.int64).reshape(-1, 6), None
+                carry = (piece, 0)
+            piece, offset = carry
+            take = min(seq_len - filled, piece.length - offset)
+            segments.append((row, piece.doc, piece.shard, piece.shard_row, offset, offset + take))
+            filled += take
+            carry = None if offset + take == piece.length else (piece, offset + take)
+    return np.array(segments, dtype=np.int64).reshape(-1, 6), carry
+
+
+@settings(max_examples=300, deadline=None)
+@given(lengths=st.lists(st.integers(1, 2000), min_size=0, max_size=30), seq_len=st.integers(1, 128),
+       n_rows=st.integers(0, 60), carry_offset=st.integers(0, 500))
+def test_fill_rows_equals_the_row_by_row_rule(lengths, seq_len, n_rows, carry_offset):
+    carry = None
+    if lengths and carry_offset < lengths[0] - 1:  # start inside a document, as after a resume
+        carry = (Piece(doc=100, shard=0, shard_row=0, length=lengths[0]), carry_offset + 1)
+        lengths = lengths[1:]
+    fast, fast_carry = fill_rows(n_rows, seq_len, source_of(lengths), carry)
+    slow, slow_carry = reference_fill_rows(n_rows, seq_len, source_of(lengths), carry)
+    assert np.array_equal(fast, slow)
+    assert fast_carry == slow_carry
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=lengths_st, seq_len=st.integers(1, 96), spare_rows=st.integers(0, 2), mlm=st.booleans())
+def test_rows_written_into_narrow_arrays_equal_the_int32_ones(lengths, seq_len, spare_rows, mlm):
+    # Token ids fit uint16 here; padding rows (spare_rows) take the slow path.
+    objective = Objective(name="mlm", seed=3, eos_id=2, pad_id=0, mask_id=1, random_token_limit=1000) if mlm else \
+        Objective(name="clm", seed=0, eos_id=2, pad_id=0)
+    n_rows = rows_needed(lengths, seq_len) + spare_rows
+    segs, _ = fill_rows(n_rows, seq_len, source_of(lengths))
+    length_of = {100 + i: n for i, n in enumerate(lengths)}
+
+    def load(doc, shard, row):
+        return np.append(3 + (doc * 7 + np.arange(length_of[doc] - 1)) % 900, 2).astype(np.uint16), None
+
+    wide = build_rows(segs, seq_len, 0, n_rows, load, objective, batch=5)
+    block = {"input_ids": np.zeros((n_rows + 2, seq_len), np.uint16), "labels": np.zeros((n_rows + 2, seq_len),
+             np.int32), "position_ids": np.zeros((n_rows + 2, seq_len), np.uint16),
+             "doc_ids": np.zeros((n_rows + 2, seq_len), np.uint16)}
+    narrow = build_rows(segs, seq_len, 0, n_rows, load, objective, batch=5,
+                        out={k: v[1: 1 + n_rows] for k, v in block.items()})
+    for key in wide:
+        assert np.array_equal(wide[key], narrow[key].astype(np.int32)), key
+        assert (block[key][0] == 0).all() and (block[key][-1] == 0).all()  # nothing written outside its rows
+
+
+def test_build_rows_refuses_an_unsigned_labels_array():
+    segs, _ = fill_rows(1, 4, source_of([4]))
+    out = {"input_ids": np.zeros((1, 4), np.uint16), "labels": np.zeros((1, 4), np.uint16),
+           "position_ids": np.zeros((1, 4), np.uint16), "doc_ids": np.zeros((1, 4), np.uint16)}
+    with pytest.raises(ValueError, match="labels need a signed dtype"):
+        build_rows(segs, 4, 0, 1, lambda d, s, r: (doc_tokens(d, 4), None), CLM, batch=0, out=out)

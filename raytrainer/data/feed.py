@@ -92,7 +92,7 @@ class DataFeed:
             planner = self._planner or self._new_planner(Cursor.from_dict(self._served))
             self._planner = None  # the stream's thread owns it now
             self._stream = RayStepStream(planner, self.spec, self.rank, self.world_size,
-                                         self.cfg.data.prefetch_batches)
+                                         self.cfg.data.prefetch_batches, concurrency=self.cfg.data.read_tasks)
             self._closer.detach()
             self._closer = weakref.finalize(self, _close_stream, [self._stream])
         return self._stream.next()
@@ -111,16 +111,12 @@ class DataFeed:
         accumulation = math.ceil(rows_per_rank / self.cfg.train.micro_batch_size)
         n_rows = item.rows[1] - item.rows[0]
         sizes = micro_batch_sizes(n_rows, self.cfg.train.micro_batch_size, accumulation)
-        tensors = {}
-        if item.arrays is not None:
-            tensors = {k: torch.from_numpy(item.arrays[k].astype(np.int64)) for k in ARRAY_KEYS}
-        out, at = [], 0
-        for size in sizes:
-            if size == 0:
-                out.append(padding_micro_batch(planned.seq_len, self.objective.pad_id))
-                continue
-            out.append({k: v[at: at + size] for k, v in tensors.items()})
-            at += size
+        real = [size for size in sizes if size > 0]
+        pieces = {}
+        if item.arrays is not None:  # one split per key: views, not a slice per micro-batch
+            pieces = {k: torch.from_numpy(np.asarray(item.arrays[k], dtype=np.int64)).split(real) for k in ARRAY_KEYS}
+        out = [{k: v[i] for k, v in pieces.items()} for i in range(len(real))]
+        out += [padding_micro_batch(planned.seq_len, self.objective.pad_id) for _ in sizes[len(real):]]
         return out
 
     # ---- position and control

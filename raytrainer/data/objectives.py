@@ -133,6 +133,6 @@ class Objective:
         selected = (rng.random(n) < self.mlm_probability) & real & (input_ids != self.eos_id)
         how = rng.random(n)
         random_ids = rng.integers(0, self.random_token_limit, size=n)
-        labels[:] = np.where(selected, input_ids, IGNORE)
+        labels[:] = np.where(selected, input_ids.astype(labels.dtype), IGNORE)  # ids may travel unsigned
         input_ids[:] = np.where(selected & (how < 0.8), self.mask_id,
                                 np.where(selected & (how >= 0.8) & (how < 0.9), random_ids, input_ids))

@@ -48,29 +48,57 @@ Carry = tuple[Piece, int]  # a document and how many of its tokens are already p
 def fill_rows(n_rows: int, seq_len: int, next_doc: Callable[[], Piece | None], carry: Carry | None = None
               ) -> tuple[np.ndarray, Carry | None]:
     """Pack `n_rows` rows of `seq_len` tokens, starting with the rest of `carry`, then documents from
-    `next_doc()` (None: no more documents; the rest is padding). Returns (segments, new carry)."""
+    `next_doc()` (None: no more documents; the rest is padding). Returns (segments, new carry).
+
+    Works a document at a time: a long document's whole rows are laid out in one vector operation, so
+    planning costs per document, not per row."""
     if n_rows < 0 or seq_len <= 0:
         raise ValueError(f"n_rows={n_rows} must be >= 0 and seq_len={seq_len} > 0")
-    segments: list[tuple[int, int, int, int, int, int]] = []
-    exhausted = False
-    for row in range(n_rows):
-        filled = 0
-        while filled < seq_len and not exhausted:
-            if carry is None:
-                piece = next_doc()
-                if piece is None:
-                    exhausted = True
-                    break
-                if piece.length <= 0:
-                    raise ValueError(f"document {piece.doc} has length {piece.length}; it must be >= 1")
-                carry = (piece, 0)
-            piece, offset = carry
-            take = min(seq_len - filled, piece.length - offset)
-            segments.append((row, piece.doc, piece.shard, piece.shard_row, offset, offset + take))
-            filled += take
-            offset += take
-            carry = None if offset == piece.length else (piece, offset)
-    return np.array(segments, dtype=np.int64).reshape(-1, SEGMENT_COLUMNS), carry
+    blocks: list[np.ndarray] = []
+    pending: list[tuple[int, int, int, int, int, int]] = []
+    row = filled = 0
+    while row < n_rows:
+        if carry is None:
+            piece = next_doc()
+            if piece is None:
+                break
+            if piece.length <= 0:
+                raise ValueError(f"document {piece.doc} has length {piece.length}; it must be >= 1")
+            carry = (piece, 0)
+        piece, offset = carry
+        # What fits in the current row ...
+        take = min(seq_len - filled, piece.length - offset)
+        pending.append((row, piece.doc, piece.shard, piece.shard_row, offset, offset + take))
+        offset += take
+        filled += take
+        if filled == seq_len:
+            row, filled = row + 1, 0
+        # ... then whole rows of the same document (only once the current row is full) ...
+        whole = min((piece.length - offset) // seq_len, n_rows - row)
+        if whole > 0:
+            if pending:
+                blocks.append(np.array(pending, dtype=np.int64))
+                pending = []
+            starts = offset + seq_len * np.arange(whole, dtype=np.int64)
+            block = np.empty((whole, SEGMENT_COLUMNS), dtype=np.int64)
+            block[:] = (0, piece.doc, piece.shard, piece.shard_row, 0, 0)
+            block[:, ROW] = row + np.arange(whole)
+            block[:, START] = starts
+            block[:, END] = starts + seq_len
+            blocks.append(block)
+            offset += whole * seq_len
+            row += whole
+        # ... and the rest, which starts the next row.
+        rest = piece.length - offset
+        if rest > 0 and row < n_rows:
+            pending.append((row, piece.doc, piece.shard, piece.shard_row, offset, offset + rest))
+            offset += rest
+            filled = rest
+        carry = None if offset == piece.length else (piece, offset)
+    if pending:
+        blocks.append(np.array(pending, dtype=np.int64))
+    segments = np.concatenate(blocks) if blocks else np.zeros((0, SEGMENT_COLUMNS), dtype=np.int64)
+    return segments, carry
 
 
 # --------------------------------------------------------------------------- rows to arrays
@@ -80,10 +108,14 @@ DocLoader = Callable[[int, int, int], tuple[np.ndarray, np.ndarray | None]]
 
 
 def build_rows(segments: np.ndarray, seq_len: int, row_start: int, n_rows: int, load_doc: DocLoader,
-               objective: Objective, batch: int) -> dict[str, np.ndarray]:
-    """Token arrays (int32, [n_rows, seq_len]) for global rows [row_start, row_start + n_rows) of batch
-    `batch`. `segments` holds at least those rows' segments, in row order (ROW is the global row index);
-    load_doc(doc, shard, shard_row) -> (document as packed, learnable mask or None)."""
+               objective: Objective, batch: int, out: dict[str, np.ndarray] | None = None
+               ) -> dict[str, np.ndarray]:
+    """Token arrays ([n_rows, seq_len]) for global rows [row_start, row_start + n_rows) of batch `batch`.
+    `segments` holds at least those rows' segments, in row order (ROW is the global row index);
+    load_doc(doc, shard, shard_row) -> (document as packed, learnable mask or None).
+
+    Written into `out` when given (C-contiguous arrays of that shape, in any integer dtypes wide enough:
+    a pipeline packs many steps straight into one block); otherwise into new int32 arrays."""
     shape = (n_rows, seq_len)
     in_range = (segments[:, ROW] >= row_start) & (segments[:, ROW] < row_start + n_rows)
     mine = segments[in_range]
@@ -96,6 +128,9 @@ def build_rows(segments: np.ndarray, seq_len: int, row_start: int, n_rows: int, 
         r = int(np.argmax(fill > seq_len))
         raise ValueError(f"row {r + row_start} of batch {batch} overflows: {fill[r]} tokens > "
                          f"seq_len {seq_len}")
+    if out is None:
+        out = {key: np.empty(shape, dtype=np.int32) for key in ARRAY_KEYS}
+    _check_out(out, shape)
 
     # Gather the pieces (views into the shards' token arrays), then place them with a few vector operations.
     docs: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # a document cut across rows is loaded once
@@ -114,33 +149,29 @@ def build_rows(segments: np.ndarray, seq_len: int, row_start: int, n_rows: int, 
         if learnable is not None:
             masks.append((i, learnable[start:end]))
     total = int(lengths.sum())
-    flat_inputs = np.concatenate(inputs).astype(np.int32) if inputs else np.zeros(0, np.int32)
-    flat_labels = np.concatenate(targets).astype(np.int32) if targets else np.zeros(0, np.int32)
+    # Full rows (always, unless the documents ran out) are the flat arrays themselves: written in place.
+    full = bool((fill == seq_len).all())
+    flats = {key: out[key].reshape(-1) if full else np.empty(total, dtype=np.int32) for key in ARRAY_KEYS}
+    if inputs:
+        np.concatenate(inputs, out=flats["input_ids"], casting="unsafe")
+        np.concatenate(targets, out=flats["labels"], casting="unsafe")
     begin = np.cumsum(lengths) - lengths  # each segment's offset in the flat arrays
     for i, keep in masks:
-        flat_labels[begin[i]: begin[i] + lengths[i]][~keep] = IGNORE
+        flats["labels"][begin[i]: begin[i] + lengths[i]][~keep] = IGNORE
     index = np.arange(len(mine))
     row_first = np.maximum.accumulate(np.where(np.r_[True, rows[1:] != rows[:-1]], index, 0)) if len(mine) \
         else index
     offset_in_flat = np.arange(total) - np.repeat(begin, lengths)
-    flat_positions = offset_in_flat.astype(np.int32)
-    flat_doc_ids = np.repeat(index - row_first, lengths).astype(np.int32)
+    np.copyto(flats["position_ids"], offset_in_flat, casting="unsafe")
+    np.copyto(flats["doc_ids"], np.repeat(index - row_first, lengths), casting="unsafe")
 
-    if (fill == seq_len).all():  # every row full (always, unless the documents ran out): already in place
-        out = {"input_ids": flat_inputs, "labels": flat_labels, "position_ids": flat_positions,
-               "doc_ids": flat_doc_ids}
-        out = {k: v.reshape(shape) for k, v in out.items()}
-    else:
-        out = {
-            "input_ids": np.full(shape, objective.pad_id, dtype=np.int32),
-            "labels": np.full(shape, IGNORE, dtype=np.int32),
-            "position_ids": np.zeros(shape, dtype=np.int32),
-            "doc_ids": np.zeros(shape, dtype=np.int32),
-        }
+    if not full:
+        out["input_ids"][...] = objective.pad_id
+        out["labels"][...] = IGNORE
+        out["position_ids"][...] = 0
+        out["doc_ids"][...] = 0
         within_row = begin - begin[row_first] if len(mine) else begin
         destination = np.repeat(rows * seq_len + within_row, lengths) + offset_in_flat
-        flats = {"input_ids": flat_inputs, "labels": flat_labels, "position_ids": flat_positions,
-                 "doc_ids": flat_doc_ids}
         for key, flat in flats.items():
             out[key].reshape(-1)[destination] = flat
         column = np.arange(seq_len)[None, :]
@@ -153,6 +184,16 @@ def build_rows(segments: np.ndarray, seq_len: int, row_start: int, n_rows: int, 
         for r in range(n_rows):
             objective.transform_row(batch, row_start + r, out["input_ids"][r], out["labels"][r], real[r])
     return out
+
+
+def _check_out(out: dict[str, np.ndarray], shape: tuple[int, int]) -> None:
+    for key in ARRAY_KEYS:
+        array = out.get(key)
+        if array is None or array.shape != shape or not array.flags.c_contiguous:
+            raise ValueError(f"build_rows(out=...): {key!r} must be a C-contiguous array of shape {shape}")
+    if not np.issubdtype(out["labels"].dtype, np.signedinteger):
+        raise ValueError(f"build_rows(out=...): labels need a signed dtype to hold {IGNORE}, "
+                         f"not {out['labels'].dtype}")
 
 
 _NO_TARGET = np.array([IGNORE], dtype=np.int32)

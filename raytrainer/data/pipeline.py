@@ -183,31 +183,43 @@ def doc_loader(spec: ReadSpec) -> DocLoader:
     return load
 
 
-def materialise(spec: ReadSpec, work: StepWork) -> dict[str, np.ndarray]:
-    """Token arrays (int32 [n_rows, seq_len]) of one rank's rows of one global batch."""
-    return build_rows(work.segments, work.seq_len, work.row_start, work.n_rows, doc_loader(spec),
-                      spec.objective, work.batch)
+def materialise(spec: ReadSpec, work: StepWork, out: dict[str, np.ndarray] | None = None,
+                load: DocLoader | None = None) -> dict[str, np.ndarray]:
+    """Token arrays ([n_rows, seq_len]; int32, or written into `out`) of one rank's rows of one global batch."""
+    return build_rows(work.segments, work.seq_len, work.row_start, work.n_rows, load or doc_loader(spec),
+                      spec.objective, work.batch, out=out)
 
 
 # --------------------------------------------------------------------------- the Ray Data pipeline
 
 
+def block_dtypes(vocab_size: int, seq_len: int) -> dict[str, type]:
+    """The narrowest dtypes a block's arrays travel in (moving bytes between processes is the pipeline's
+    main cost): token ids below the vocab size; position ids and document numbers below seq_len; labels
+    signed for the ignore index."""
+    small_ids = np.uint16 if vocab_size <= 1 << 16 else np.int32
+    small_positions = np.uint16 if seq_len <= 1 << 16 else np.int32
+    return {"input_ids": small_ids, "labels": np.int32, "position_ids": small_positions,
+            "doc_ids": small_positions}
+
+
 def materialise_block(block: dict[str, np.ndarray], spec: ReadSpec) -> dict[str, np.ndarray]:
     """map_batches UDF: a block of pickled StepWork chunks (one seq_len) -> rows tagged with their batch,
-    in the narrowest dtypes that hold them (moving bytes between processes is the pipeline's main cost)."""
-    outs = []
-    for payload in block["work"]:
-        for work in pickle.loads(payload):
-            arrays = materialise(spec, work)
-            arrays["batch"] = np.full(work.n_rows, work.batch, dtype=np.int64)
-            outs.append(arrays)
-    out = {k: np.concatenate([o[k] for o in outs]) for k in (*ARRAY_KEYS, "batch")}
-    seq_len = out["input_ids"].shape[1]
-    if spec.vocab_size <= 1 << 16:
-        out["input_ids"] = out["input_ids"].astype(np.uint16)
-    if seq_len <= 1 << 16:  # position ids and document numbers are below seq_len
-        out["position_ids"] = out["position_ids"].astype(np.uint16)
-        out["doc_ids"] = out["doc_ids"].astype(np.uint16)
+    each step packed straight into the block's arrays."""
+    works = [work for payload in block["work"] for work in pickle.loads(payload)]
+    n_rows = sum(work.n_rows for work in works)
+    seq_len = works[0].seq_len
+    out = {key: np.empty((n_rows, seq_len), dtype=dtype)
+           for key, dtype in block_dtypes(spec.vocab_size, seq_len).items()}
+    out["batch"] = np.empty(n_rows, dtype=np.int64)
+    load = doc_loader(spec)
+    at = 0
+    for work in works:
+        if work.seq_len != seq_len:
+            raise ValueError(f"a block mixes seq_len {seq_len} and {work.seq_len}")
+        materialise(spec, work, out={key: out[key][at: at + work.n_rows] for key in ARRAY_KEYS}, load=load)
+        out["batch"][at: at + work.n_rows] = work.batch
+        at += work.n_rows
     return out
 
 
@@ -263,8 +275,8 @@ class RayStepStream:
     planner from the cursor of the last step taken)."""
 
     def __init__(self, planner: Planner, spec: ReadSpec, rank: int, world_size: int, prefetch_batches: int,
-                 chunk_tokens: int = 1 << 20, max_chunk_steps: int = 64, window_chunks: int = 16,
-                 concurrency: int = 2):
+                 chunk_tokens: int = 1 << 22, max_chunk_steps: int = 64, window_chunks: int = 8,
+                 concurrency: int = 1):
         self._queue: queue.Queue = queue.Queue(maxsize=max(2, prefetch_batches) * 4)
         self._stop = threading.Event()
         chunking = _Chunking(chunk_tokens, max_chunk_steps, window_chunks, concurrency,
@@ -316,8 +328,9 @@ def _put(q: queue.Queue, item: object, stop: threading.Event) -> bool:
 class _Chunking:
     chunk_tokens: int  # a Ray task materialises about this many tokens (fewer tasks, less overhead) ...
     max_chunk_steps: int  # ... but no more steps than this (the first step of a chunk waits for all of it)
-    # Chunks per Ray Data execution. Every execution costs a start-up (~0.5 s on 2 busy cores), so windows
-    # are long: 16 chunks of 1M tokens. Memory stays bounded, Ray Data streams a window's blocks.
+    # Chunks per Ray Data execution. Every execution and every block cost a start-up (~0.5 s and ~50 ms on
+    # 2 busy cores), so windows are long and blocks large: 8 chunks of 4M tokens (about 40 MB each in
+    # the block dtypes). Memory stays bounded: Ray Data streams a window's blocks.
     window_chunks: int
     concurrency: int  # Ray tasks at once per window; each process keeps its own shard cache
     prefetch_batches: int  # blocks Ray Data fetches ahead of the puller
@@ -427,7 +440,9 @@ def _produce(planner: Planner, spec: ReadSpec, rank: int, world_size: int, chunk
                 following = planning.submit(launch)
                 rows = _Rows(current.blocks())
                 for planned, row_range, work, cursor in current.steps:
-                    arrays = rows.take(work.n_rows, planned.batch) if work is not None else None
+                    arrays = None
+                    if work is not None:  # widened here, off the training thread (see DataFeed)
+                        arrays = {k: v.astype(np.int64) for k, v in rows.take(work.n_rows, planned.batch).items()}
                     if not _put(q, StepData(planned, row_range, arrays, cursor), stop):
                         break
                 current = following.result()

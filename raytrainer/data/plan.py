@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,10 +211,14 @@ class Planner:
     def _next_piece(self) -> Piece:
         _, eligible, weights = self._phase_setup()
         keys = self.index.streams
-        consumed = np.array([self.cursor.streams[k].consumed for k in keys], dtype=np.float64)
-        active = weights > 0
-        score = np.where(active, consumed / np.where(active, weights, 1.0), np.inf)
-        stream = int(np.argmin(score))
+        # The stream furthest behind its share (first on ties). A handful of streams: plain Python beats
+        # numpy's per-call overhead, and this runs once per document.
+        stream, behind = 0, math.inf
+        for k, weight in enumerate(weights.tolist()):
+            if weight > 0:
+                score = self.cursor.streams[keys[k]].consumed / weight
+                if score < behind:
+                    stream, behind = k, score
         p = self._draw(stream, eligible)
         doc = int(self.index.doc_id[p])
         length = int(self.index.length[p]) + self.objective.extra_tokens(doc)
@@ -224,6 +229,9 @@ class Planner:
         position = self.cursor.streams[self.index.streams[stream]]
         for _ in range(3):  # the rest of this epoch, then a whole one, always holds an eligible document
             order = self._order(stream, position.epoch)
+            if position.pos < len(order) and eligible[order[position.pos]]:  # the usual case, without a scan
+                position.pos += 1
+                return int(order[position.pos - 1])
             while position.pos < len(order):
                 window = order[position.pos: position.pos + _SCAN]
                 hits = np.flatnonzero(eligible[window])
