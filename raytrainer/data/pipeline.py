@@ -275,7 +275,7 @@ class RayStepStream:
     planner from the cursor of the last step taken)."""
 
     def __init__(self, planner: Planner, spec: ReadSpec, rank: int, world_size: int, prefetch_batches: int,
-                 chunk_tokens: int = 1 << 22, max_chunk_steps: int = 64, window_chunks: int = 8,
+                 chunk_tokens: int = 1 << 22, max_chunk_steps: int = 64, window_chunks: int = 32,
                  concurrency: int = 1):
         self._queue: queue.Queue = queue.Queue(maxsize=max(2, prefetch_batches) * 4)
         self._stop = threading.Event()
@@ -329,14 +329,15 @@ class _Chunking:
     chunk_tokens: int  # a Ray task materialises about this many tokens (fewer tasks, less overhead) ...
     max_chunk_steps: int  # ... but no more steps than this (the first step of a chunk waits for all of it)
     # Chunks per Ray Data execution. Every execution and every block cost a start-up (~0.5 s and ~50 ms on
-    # 2 busy cores), so windows are long and blocks large: 8 chunks of 4M tokens (about 40 MB each in
-    # the block dtypes). Memory stays bounded: Ray Data streams a window's blocks.
+    # 2 busy cores), so windows are long and blocks large: 32 chunks of 4M tokens (about 40 MB each in
+    # the block dtypes). Memory stays bounded: Ray Data streams a window's blocks with backpressure.
     window_chunks: int
     concurrency: int  # Ray tasks at once per window; each process keeps its own shard cache
     prefetch_batches: int  # blocks Ray Data fetches ahead of the puller
 
 
 _END = object()
+FIRST_WINDOW_CHUNKS = 2
 
 
 def _user_error(error: BaseException) -> BaseException:
@@ -360,7 +361,9 @@ class _Window:
                  stop: threading.Event):
         self.steps = steps
         self._stop = stop
-        self._blocks: queue.Queue = queue.Queue()  # bounded by the window's size
+        # A few blocks (at most ~40 MB each) ahead of the steps being served; beyond that Ray Data's own
+        # prefetch and backpressure hold the rest, so a rank never buffers a whole window.
+        self._blocks: queue.Queue = queue.Queue(maxsize=8)
         self._thread = threading.Thread(target=self._pull, args=(chunks, spec, chunking), daemon=True,
                                         name="data-feed-window")
         self._thread.start()
@@ -375,13 +378,14 @@ class _Window:
                 for block in batches:
                     if self._stop.is_set():
                         break
-                    self._blocks.put(block)
+                    if not _put(self._blocks, block, self._stop):
+                        break
         except BaseException as e:  # raised in the training loop by next()
-            self._blocks.put(_user_error(e))
+            _put(self._blocks, _user_error(e), self._stop)
         finally:
             if batches is not None and hasattr(batches, "close"):
                 batches.close()  # shuts the execution down now, not whenever the generator is collected
-            self._blocks.put(_END)
+            _put(self._blocks, _END, self._stop)
 
     def join(self) -> None:
         self._thread.join()
@@ -399,12 +403,12 @@ class _Window:
             yield block
 
 
-def _plan_window(planner: Planner, rank: int, world_size: int, chunking: _Chunking
+def _plan_window(planner: Planner, rank: int, world_size: int, chunking: _Chunking, n_chunks: int
                  ) -> tuple[list[_Step], list[list[StepWork]]]:
     steps, chunks, current, tokens = [], [], [], 0
     # Also bounds the steps of a window where this rank has no rows (nothing for Ray to make).
-    max_steps = chunking.window_chunks * chunking.max_chunk_steps
-    while len(chunks) < chunking.window_chunks and len(steps) < max_steps:
+    max_steps = n_chunks * chunking.max_chunk_steps
+    while len(chunks) < n_chunks and len(steps) < max_steps:
         planned = planner.next_batch()
         work = step_work(planned, rank, world_size)
         rows = rank_rows(planned.n_rows, world_size, rank)
@@ -426,8 +430,8 @@ def _plan_window(planner: Planner, rank: int, world_size: int, chunking: _Chunki
 
 def _produce(planner: Planner, spec: ReadSpec, rank: int, world_size: int, chunking: _Chunking,
              q: queue.Queue, stop: threading.Event, windows: list[_Window]) -> None:
-    def launch() -> _Window:
-        window = _Window(*_plan_window(planner, rank, world_size, chunking), spec, chunking, stop)
+    def launch(n_chunks: int) -> _Window:
+        window = _Window(*_plan_window(planner, rank, world_size, chunking, n_chunks), spec, chunking, stop)
         windows[:] = [w for w in windows if w._thread.is_alive()] + [window]
         return window
 
@@ -435,9 +439,10 @@ def _produce(planner: Planner, spec: ReadSpec, rank: int, world_size: int, chunk
     # window's steps, so that neither planning nor Ray Data's start-up holds up a step already made.
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-feed-plan") as planning:
-            current = launch()
+            # A short first window: the first step waits for its planning and its first block.
+            current = launch(min(FIRST_WINDOW_CHUNKS, chunking.window_chunks))
             while not stop.is_set():
-                following = planning.submit(launch)
+                following = planning.submit(launch, chunking.window_chunks)
                 rows = _Rows(current.blocks())
                 for planned, row_range, work, cursor in current.steps:
                     arrays = None
