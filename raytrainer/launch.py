@@ -141,7 +141,16 @@ def run(cfg: Config) -> dict:
             stop_guardian(cfg.run.name)  # flushes the events log
     if result.error is not None:
         raise result.error
-    return summarize(cfg)
+    return {**summarize(cfg), **registered_with_ray(result)}
+
+
+def registered_with_ray(result: Any) -> dict:
+    """The checkpoints this run registered with Ray Train (pointers to store steps), as Ray reports them."""
+    from raytrainer.train.ray_entry import read_pointer
+
+    latest = read_pointer(result.checkpoint)
+    steps = [p["step"] for p in (read_pointer(c) for c, _ in result.best_checkpoints or []) if p is not None]
+    return {"ray_checkpoint_step": latest["step"] if latest else None, "ray_checkpoint_steps": sorted(steps)}
 
 
 def summarize(cfg: Config) -> dict:

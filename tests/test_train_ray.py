@@ -62,13 +62,23 @@ def test_s3_checkpoints_survive_a_crash_a_hang_and_a_resubmission(dataset, s3_se
     assert len(resumed) == 1 and resumed[0]["step"] == 10  # the guardian actor saw the restart ...
     assert resumed[0]["steps_redone"] == resumed[0]["last_step_before"] + 1 - 10 <= 10  # ... and its cost
     assert 0 < resumed[0]["stalled_s"] < 300
+    # Ray Train was told of the committed checkpoints through ray.train.report (pointers to store steps);
+    # step 10 only if rank 0 reported between its commit and the crash.
+    assert first["ray_checkpoint_step"] == 20 and 20 in first["ray_checkpoint_steps"]
+    assert set(first["ray_checkpoint_steps"]) <= {10, 20}
     ray.shutdown()
 
     faults = "faults=[{step: 12, kind: crash, rank: 1}, {step: 24, kind: hang, rank: 0}]"
-    second = run(micro_config(dataset, s3_url, name="s3run", steps=30, extra=[*extra, faults]))
+    keep_one = [*extra, "checkpoint.keep_last=1"]
+    second = run(micro_config(dataset, s3_url, name="s3run", steps=30, extra=[*keep_one, faults]))
     assert second["step"] == 30
     assert second["metrics"]["start_step"] == 20  # resumed at 20 after the hang; the crash did not fire again
-    assert store.steps()[-1] == 30
+    assert store.steps() == [30]  # retention deleted the checkpoints Ray Train was told of earlier ...
+    assert second["ray_checkpoint_step"] == 30 and {20, 30} <= set(second["ray_checkpoint_steps"])
+    ray.shutdown()
+    # ... yet Ray's run snapshot, which lists them, still loads: the job submitted once more resumes at 30.
+    third = run(micro_config(dataset, s3_url, name="s3run", steps=30, extra=keep_one))
+    assert third["step"] == 30 and third["ray_checkpoint_step"] == 30
     assert time.monotonic() - t0 < 600
 
 

@@ -92,6 +92,7 @@ class CheckpointManager:
         self.staging = Path(staging_root) / f"rank-{env.rank:05d}" if staging_root else default_staging_dir(
             cfg.run.name, env.rank
         )
+        self._unregistered: list[int] = []  # rank 0: saved steps not yet registered with Ray Train
 
     # ------------------------------------------------------------------ save
 
@@ -120,6 +121,24 @@ class CheckpointManager:
             self.store.save_rank(*args)
         if self.env.rank == 0:
             log.info("checkpoint step %d staged (%s upload)", state.step, "async" if in_background else "sync")
+            if not final:  # the final one is registered by the loop once every rank has finished
+                self._unregistered.append(state.step)
+
+    def next_to_register(self) -> int | None:
+        """Rank 0: the oldest saved step that every rank has now committed and that Ray Train has not been
+        told of (then it is forgotten here), or None. One listing of the store per call with work pending."""
+        if not self._unregistered:
+            return None
+        step = self._unregistered[0]
+        try:
+            complete = self.store.is_complete(step)
+        except Exception as e:  # registration is bookkeeping: retried at the next report
+            log.warning("could not check checkpoint step %d before registering it with Ray Train: %s", step, e)
+            return None
+        if complete:
+            self._unregistered.pop(0)
+            return step
+        return None
 
     def wait(self) -> None:
         self.store.wait()
@@ -136,6 +155,7 @@ class CheckpointManager:
     def discard_after(self, step: int) -> None:
         """Rank 0 deletes checkpoints newer than `step` (an abandoned branch after a rollback)."""
         if self.env.rank == 0:
+            self._unregistered = [s for s in self._unregistered if s <= step]
             for newer in [s for s in self.store.steps() if s > step]:
                 self.store.delete(newer)
                 log.info("deleted checkpoint step %d: it belongs to the branch the guardian rolled back", newer)

@@ -73,7 +73,9 @@ class WorkerEnv:
 
     rank: int = 0
     world_size: int = 1
-    report: Callable[[dict], None] = lambda metrics: None  # metrics to the driver / Ray
+    # Metrics to the driver / Ray; with checkpoint_step, rank 0 also registers that committed checkpoint.
+    report: Callable[..., None] = lambda metrics, checkpoint_step=None: None
+    registers_checkpoints: bool = False  # report() registers committed checkpoints (Ray Train)
     broadcast: Callable[[Any], Any] = lambda obj: obj  # rank 0's object to every rank
     hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)  # fault-injection hooks (tests)
 
@@ -114,6 +116,11 @@ class Trainer:
             step = self.train_step(step)
         self.save(step, final=True)
         self.checkpoints.wait()
+        if self.env.registers_checkpoints:
+            # Every rank reports, as at every log step; Ray registers the checkpoint only once all of them
+            # are here, so after each rank has committed its part.
+            final = self.history[-1] if self.history else {"step": step}
+            self.env.report(final, step if self.env.rank == 0 else None)
         return {"step": step, "history": self.history}
 
     def train_step(self, step: int) -> int:
@@ -240,7 +247,10 @@ class Trainer:
                     entry["lr"], rate.get("tokens_per_s", 0.0), 100 * rate.get("mfu", 0.0),
                     "" if decision.action == "continue" else f"  [{decision.action}: {decision.reason}]",
                 )
-            self.env.report(entry)
+            registered = None
+            if self.env.registers_checkpoints and self.env.rank == 0:
+                registered = self.checkpoints.next_to_register()
+            self.env.report(entry, registered)
 
     def _watch(self, step: int):
         if self.watchdog is None:

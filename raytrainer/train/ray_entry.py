@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from raytrainer.config import Config
+from raytrainer.fault.checkpoint_store import CheckpointStore
 from raytrainer.train.loop import NoGuardian, Trainer, WorkerEnv, set_worker_threads
 
 log = logging.getLogger("raytrainer.train")
@@ -19,6 +24,38 @@ def broadcast_from_rank0(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# --------------------------------------------------------------------------- Ray Train's checkpoint list
+
+# Ray Train is told of every committed checkpoint through ray.train.report, as a small pointer directory
+# (this file: step and URL) under <storage>/<run>/registered/. The checkpoint itself stays where the store
+# wrote and committed it: retention and guardian rollbacks delete store directories, and a Ray run snapshot
+# that listed those would refuse the next resubmission. Pointers are never deleted, so Ray's list stays
+# valid; a pointer whose step was pruned or rolled back resolves to nothing (read_pointer + the store).
+POINTER_FILE = "raytrainer_checkpoint.json"
+
+
+def registered_dir_name(step: int) -> str:
+    return f"registered/step_{step:08d}"
+
+
+def write_pointer(directory: str | Path, store: CheckpointStore, step: int) -> None:
+    (Path(directory) / POINTER_FILE).write_text(json.dumps(
+        {"step": step, "url": store.step_url(step), "run": store.run_name}))
+
+
+def read_pointer(checkpoint: Any) -> dict | None:
+    """{"step", "url", "run"} of a checkpoint Ray Train returns (get_checkpoint, Result.checkpoint, ...)."""
+    if checkpoint is None:
+        return None
+    path = f"{checkpoint.path.rstrip('/')}/{POINTER_FILE}"
+    try:
+        with checkpoint.filesystem.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError) as e:
+        log.warning("Ray Train checkpoint %s has no readable %s (%s); ignoring it", checkpoint.path, POINTER_FILE, e)
+        return None
 
 
 def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=None, store=None) -> Trainer:
@@ -66,21 +103,35 @@ def train_fn(loop_config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    def report(metrics: dict) -> None:
+    store = CheckpointStore(cfg.checkpoint.storage, cfg.run.name, cfg.checkpoint.s3, mirror=cfg.checkpoint.mirror)
+
+    def report(metrics: dict, checkpoint_step: int | None = None) -> None:
         # A report is a barrier in Ray Train V2, so every rank calls it at the same steps.
-        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float | str)})
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
+        if checkpoint_step is None:
+            ray.train.report(scalars)
+            return
+        with tempfile.TemporaryDirectory(prefix="raytrainer-pointer-") as pointer:
+            write_pointer(pointer, store, checkpoint_step)
+            ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(pointer),
+                             checkpoint_dir_name=registered_dir_name(checkpoint_step))
 
     env = WorkerEnv(
         rank=ctx.get_world_rank(),
         world_size=ctx.get_world_size(),
         report=report,
         broadcast=broadcast_from_rank0,
+        registers_checkpoints=True,
     )
+    registered = read_pointer(ray.train.get_checkpoint())
+    if registered is not None and env.rank == 0:
+        log.info("Ray Train's latest registered checkpoint is step %d (%s); resuming from the store's latest "
+                 "complete one", registered["step"], registered["url"])
     guardian = None
     if cfg.guardian.enabled and env.rank == 0:
         from raytrainer.fault.guardian_actor import GuardianClient
 
         guardian = GuardianClient.connect(cfg.run.name)
-    trainer = build_trainer(cfg, env, device, guardian=guardian)
+    trainer = build_trainer(cfg, env, device, guardian=guardian, store=store)
     result = trainer.fit()
     log.info("rank %d finished at step %d", env.rank, result["step"])
