@@ -21,6 +21,7 @@ import logging
 import pickle
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -312,6 +313,16 @@ class RayStepStream:
         for window in self._windows:
             window.join()
         self._windows.clear()
+        _join_ray_data_executors()
+
+
+def _join_ray_data_executors(timeout_s: float = 30.0) -> None:
+    """Ray Data's executor shutdown gives its loop thread 2 s and returns; one still running when Ray itself
+    is shut down (a finished job, a bench) ends the whole process. So close() waits for them."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread.name.startswith("StreamingExecutor-") and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _put(q: queue.Queue, item: object, stop: threading.Event) -> bool:
