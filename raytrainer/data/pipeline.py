@@ -283,6 +283,7 @@ class RayStepStream:
         chunking = _Chunking(chunk_tokens, max_chunk_steps, window_chunks, concurrency,
                              max(1, prefetch_batches))
         self._windows: list[_Window] = []
+        self._threads_before = {t.ident for t in threading.enumerate()}
         self._thread = threading.Thread(
             target=_produce, name=f"data-feed-rank{rank}", daemon=True,
             args=(planner, spec, rank, world_size, chunking, self._queue, self._stop, self._windows))
@@ -313,15 +314,19 @@ class RayStepStream:
         for window in self._windows:
             window.join()
         self._windows.clear()
-        _join_ray_data_executors()
+        _join_ray_data_threads(self._threads_before)
 
 
-def _join_ray_data_executors(timeout_s: float = 30.0) -> None:
-    """Ray Data's executor shutdown gives its loop thread 2 s and returns; one still running when Ray itself
-    is shut down (a finished job, a bench) ends the whole process. So close() waits for them."""
+_RAY_DATA_THREADS = ("StreamingExecutor-", "iter_threaded")
+
+
+def _join_ray_data_threads(started_after: set[int], timeout_s: float = 30.0) -> None:
+    """Ray Data's executor shutdown gives its loop thread 2 s and returns, and its batch threads finish the
+    block in hand: a thread of theirs still calling into Ray when Ray itself is shut down (a finished job,
+    a bench) ends the whole process. So close() waits for the ones started since this stream began."""
     deadline = time.monotonic() + timeout_s
     for thread in threading.enumerate():
-        if thread.name.startswith("StreamingExecutor-") and thread is not threading.current_thread():
+        if thread.ident not in started_after and thread.name.startswith(_RAY_DATA_THREADS):
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
