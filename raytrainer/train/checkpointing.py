@@ -78,17 +78,23 @@ def _tuplify(obj: Any) -> Any:
     return tuple(_tuplify(x) for x in obj) if isinstance(obj, list) else obj
 
 
+def run_store(cfg: Config) -> Any:
+    """The run's CheckpointStore as the trainer writes it: checkpoint.storage/<run name>, plus the mirror."""
+    from raytrainer.fault.checkpoint_store import CheckpointStore
+
+    ck = cfg.checkpoint
+    return CheckpointStore(ck.storage, cfg.run.name, ck.s3, mirror=ck.mirror)
+
+
 class CheckpointManager:
     """Saves and restores TrainerState + engine through the run's CheckpointStore."""
 
     def __init__(self, cfg: Config, env: Any, store: Any = None, staging_root: str | Path | None = None):
-        from raytrainer.fault.checkpoint_store import CheckpointStore
         from raytrainer.train.loop import default_staging_dir
 
         self.cfg = cfg
         self.env = env
-        ck = cfg.checkpoint
-        self.store = store or CheckpointStore(ck.storage, cfg.run.name, ck.s3, mirror=ck.mirror)
+        self.store = store or run_store(cfg)
         self.staging = Path(staging_root) / f"rank-{env.rank:05d}" if staging_root else default_staging_dir(
             cfg.run.name, env.rank
         )

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from raytrainer.config import Config
 from raytrainer.fault.checkpoint_store import CheckpointStore
+from raytrainer.train.checkpointing import run_store
 from raytrainer.train.loop import NoGuardian, Trainer, WorkerEnv, set_worker_threads
 
 log = logging.getLogger("raytrainer.train")
@@ -103,7 +104,7 @@ def train_fn(loop_config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    store = CheckpointStore(cfg.checkpoint.storage, cfg.run.name, cfg.checkpoint.s3, mirror=cfg.checkpoint.mirror)
+    store = run_store(cfg)  # one store for the loop's checkpoints and the pointers reported to Ray
 
     def report(metrics: dict, checkpoint_step: int | None = None) -> None:
         # A report is a barrier in Ray Train V2, so every rank calls it at the same steps.
