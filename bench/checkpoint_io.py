@@ -70,8 +70,8 @@ def main() -> None:
 
     import s3fs
 
+    from raytrainer.checkpoint import CheckpointStore
     from raytrainer.config import S3Config
-    from raytrainer.fault.checkpoint_store import CheckpointStore
     from raytrainer.storage import s3fs_options
     from raytrainer.storage_server import LocalS3Server
 

@@ -77,10 +77,10 @@ def write_hf(model_cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: st
 
 def load_model(cfg: Config, run_url: str, step: int | None = None, use_ema: bool = False):
     """A single-process Transformer with the weights of a checkpoint (any strategy, any world size)."""
-    from raytrainer.fault.checkpoint_store import CheckpointStore
+    from raytrainer.checkpoint import CheckpointStore
+    from raytrainer.checkpoint.manager import MODEL_DIR
     from raytrainer.model import Transformer
     from raytrainer.report import split_run_url
-    from raytrainer.train.checkpointing import MODEL_DIR
     from raytrainer.train.strategies import load_full_state_dict
 
     storage, name = split_run_url(run_url)

@@ -82,7 +82,7 @@ def ensure_sample_data(cfg: Config) -> None:
     make_sample_dataset(cfg.data.path, tokenizer=cfg.data.tokenizer)
 
 
-def build_trainer(cfg: Config, storage_path: str, storage_filesystem: Any):
+def build_torch_trainer(cfg: Config, storage_path: str, storage_filesystem: Any):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -130,7 +130,7 @@ def run(cfg: Config) -> dict:
     if cfg.guardian.enabled:
         start_guardian(cfg)
     storage = open_storage(cfg.checkpoint.storage, cfg.checkpoint.s3)
-    trainer = build_trainer(cfg, storage.root, storage.fs)
+    trainer = build_torch_trainer(cfg, storage.root, storage.fs)
     log.info("training %s: %d steps on %d..%d %s workers (%s)", cfg.run.name, cfg.train.steps,
              cfg.parallel.min_workers, cfg.parallel.max_workers,
              "GPU" if cfg.parallel.use_gpu else "CPU", cfg.parallel.strategy)
@@ -146,7 +146,7 @@ def run(cfg: Config) -> dict:
 
 def registered_with_ray(result: Any) -> dict:
     """The checkpoints this run registered with Ray Train (pointers to store steps), as Ray reports them."""
-    from raytrainer.train.ray_entry import read_pointer
+    from raytrainer.checkpoint.ray_pointers import read_pointer
 
     latest = read_pointer(result.checkpoint)
     steps = [p["step"] for p in (read_pointer(c) for c, _ in result.best_checkpoints or []) if p is not None]
@@ -155,7 +155,7 @@ def registered_with_ray(result: Any) -> dict:
 
 def summarize(cfg: Config) -> dict:
     """Where the run ended, from its own checkpoint store (the record of truth)."""
-    from raytrainer.fault.checkpoint_store import CheckpointStore
+    from raytrainer.checkpoint import CheckpointStore
 
     store = CheckpointStore(cfg.checkpoint.storage, cfg.run.name, cfg.checkpoint.s3)
     step = store.latest_complete()

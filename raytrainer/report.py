@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from raytrainer.checkpoint import CheckpointStore
 from raytrainer.config import S3Config
-from raytrainer.fault.checkpoint_store import CheckpointStore
 from raytrainer.fault.events import RunStore, read_events
 from raytrainer.storage import open_filesystem
 

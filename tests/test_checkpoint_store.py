@@ -13,16 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from raytrainer.fault.checkpoint_store import (
+from raytrainer.checkpoint import (
     CheckpointCorrupt,
     CheckpointError,
     CheckpointNotFound,
     CheckpointStore,
     MirrorError,
-    ray_upload_fn,
     record_name,
     step_dir_name,
-    step_from_path,
 )
 from raytrainer.storage import Storage, StorageError
 
@@ -83,7 +81,6 @@ def test_complete_only_after_every_rank_commits(where, tmp_path):
     assert set(rec0.files) == {"model/__0_0.distcp", "trainer_state.json"}
     assert store.records(10)[0].metadata == {"step": 10, "rng": [1, 2, 3]}
     assert store.read_json(10, "trainer_state.json")["cursor"] == {"batch": 10}
-    assert step_from_path(store.step_path(10)) == 10
 
 
 def test_download_all_or_one_rank(where, tmp_path):
@@ -262,7 +259,7 @@ def test_async_upload_error_surfaces_on_the_next_call(tmp_path, monkeypatch):
 
     store.save_rank_async(2, stage(tmp_path, 2, 0), 0, 1)
     deadline = time.monotonic() + 10
-    while not store._errors and time.monotonic() < deadline:
+    while not store.writer._errors and time.monotonic() < deadline:
         time.sleep(0.01)
     with pytest.raises(CheckpointError, match="disk on fire"):  # the next save raises it
         store.save_rank_async(3, stage(tmp_path, 3, 0), 0, 1)
@@ -343,21 +340,11 @@ def test_unreadable_primary_without_mirror_is_an_error_not_a_fresh_start(tmp_pat
         raise OSError("AWS Error NETWORK_CONNECTION: Could not connect to server")
 
     monkeypatch.setattr(Storage, "list_files", unreachable)
+    with pytest.raises(StorageError, match="cannot read checkpoint step 10"):
+        store.latest_complete()
+    monkeypatch.setattr(Storage, "listdir", unreachable)
     with pytest.raises(StorageError, match="cannot list checkpoints"):
         store.latest_complete()
 
 
 # --------------------------------------------------------------------------- Ray Train hook
-
-
-def test_ray_upload_fn_commits_and_points_at_the_step_dir(tmp_path):
-    from ray.train import Checkpoint
-
-    store = CheckpointStore(str(tmp_path / "s"), RUN)
-    uploads = [ray_upload_fn(store, 30, r, 2, {"step": 30}, save_id="x") for r in range(2)]
-    results = [up(Checkpoint.from_directory(str(stage(tmp_path, 30, r))), "checkpoints/step_00000030")
-               for r, up in enumerate(uploads)]
-    assert {c.path for c in results} == {store.step_path(30)}
-    assert store.is_complete(30) and store.records(30)[1].save_id == "x"
-    with pytest.raises(CheckpointError, match="checkpoint_dir_name='checkpoints/step_00000031'"):
-        ray_upload_fn(store, 31, 0, 1)(Checkpoint.from_directory(str(tmp_path)), "checkpoint_2026")

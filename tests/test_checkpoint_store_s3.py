@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from raytrainer.fault.checkpoint_store import CheckpointError, CheckpointStore
+from raytrainer.checkpoint import CheckpointError, CheckpointStore
 from raytrainer.storage import StorageError, open_storage
 
 pytestmark = pytest.mark.slow

@@ -307,7 +307,7 @@ def test_checkpoint_roundtrip_in_one_process_and_loading_never_unpickles_code(tm
     import io
     import pickle
 
-    from raytrainer.train.dcp_io import SafeLoadPlanner
+    from raytrainer.checkpoint.dcp_io import SafeLoadPlanner
 
     cfg = tiny_config("train.ema_decay=0.9")
     strategy, engine = build(cfg)

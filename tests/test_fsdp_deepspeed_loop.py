@@ -16,7 +16,7 @@ import shutil
 import pytest
 import torch
 
-from raytrainer.fault.checkpoint_store import CheckpointStore
+from raytrainer.checkpoint import CheckpointStore
 from runs import make_dataset, micro_config
 from strategy_harness import load_result, save_result, spawn
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from raytrainer.fault.checkpoint_store import CheckpointStore
+from raytrainer.checkpoint import CheckpointStore
 from raytrainer.fault.events import EventLog, RunStore, read_events
 from raytrainer.fault.guardian import Guardian
 from raytrainer.train.loop import GuardianAbort, WorkerEnv

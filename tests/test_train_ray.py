@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import ray
 
+from raytrainer.checkpoint import CheckpointStore
 from raytrainer.config import ConfigError
-from raytrainer.fault.checkpoint_store import CheckpointStore
 from raytrainer.fault.events import RunStore, read_events
 from raytrainer.storage import StorageError
 from runs import make_dataset, micro_config

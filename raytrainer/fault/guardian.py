@@ -8,7 +8,10 @@ The training loop reports every step before the optimizer step is applied and ac
     rollback -> every rank reloads checkpoint decision.rollback_to in place, rebuilds the data feed from its
                 cursor and hands it decision.skip_ranges; the next step is decision.rollback_to
     abort    -> stop the run; decision.reason is the incident report
-    after each committed checkpoint: guardian.on_checkpoint(step)
+    when a checkpoint is staged:              guardian.on_checkpoint_staged(step)
+    once every rank has committed it:         guardian.on_checkpoint(step)
+    after retention deleted some:             guardian.checkpoints_exist(steps that remain)
+    every decision names in `pin` the checkpoint a rollback would go to now: it must not be deleted.
 
 Policy
 ------
@@ -39,6 +42,8 @@ with any finding is an *anomaly*; its update is never applied.
    For `cooldown_steps` steps after the rollback (steps target .. target + cooldown_steps - 1) every
    decision carries lr_factor = `cooldown_lr_factor`.
    After a rollback the window of anomalies is cleared and the statistics forget the abandoned steps.
+   If the target cannot be loaded, the loop loads the next older checkpoint (decision.fallbacks) and says
+   so with `rollback_fell_back`; the guardian then resumes its timeline there.
 3. **Abort** when a rollback is needed but `max_rollbacks` rollbacks were already made in this run, or
    there is no healthy checkpoint to go back to. Once aborted, every later decision is abort.
 
@@ -82,6 +87,8 @@ class Decision:
     rollback_to: int | None = None  # checkpoint step to reload; training resumes at this step
     skip_range: tuple[int, int] | None = None  # global batches [a, b) newly skipped by this rollback
     skip_ranges: list[tuple[int, int]] = field(default_factory=list)  # every range to skip (for a new feed)
+    fallbacks: list[int] = field(default_factory=list)  # rollback: older healthy checkpoints, newest first
+    pin: int | None = None  # the checkpoint a rollback would go to now: retention must keep it
 
     @property
     def apply_update(self) -> bool:
@@ -135,10 +142,12 @@ class Guardian:
         self._history: deque[tuple[int, int]] = deque(maxlen=cfg.window + cfg.divergence_steps + 2)
         self._next: tuple[int, int] = (0, 0)  # the next step expected and the batch it will consume
         self._checkpoints: dict[int, int] = {}  # committed checkpoint step -> batch it resumes at
+        self._staged: dict[int, int] = {}  # saved, not yet committed by every rank: step -> batch
         self._skipped: list[tuple[int, int]] = []  # merged, sorted [a, b) ranges of global batches
         self._rollbacks: list[dict] = []
         self._cooldown: tuple[int, int] | None = None  # steps [start, end) that run at cooldown_lr_factor
         self._aborted: str | None = None
+        self._rollbacks_before_resume = 0  # rollbacks made before the run was resumed after an abort
         self._events: list[dict] = []
         self._seq = 0
         # Live only (the actor outlives worker restarts): the last step seen, to report each recovery.
@@ -154,6 +163,11 @@ class Guardian:
         return self.observe(StepReport.from_stats(step, stats, cursor, lr=lr, batch=batch))
 
     def observe(self, report: StepReport) -> Decision:
+        decision = self._observe(report)
+        decision.pin = self.rollback_target()
+        return decision
+
+    def _observe(self, report: StepReport) -> Decision:
         step = report.step
         if self._aborted is not None:
             return Decision("abort", self._aborted)
@@ -176,9 +190,20 @@ class Guardian:
             return self._rollback(report, batch, findings, diverged)
         return self._skip(report, batch, findings, lr_factor)
 
+    def on_checkpoint_staged(self, step: int) -> None:
+        """A checkpoint for `step` is being written; it becomes a rollback target once on_checkpoint(step)
+        says every rank has committed it. Remembers the batch it resumes at, which only now is certain."""
+        self._staged[step] = self.batch_for(step)
+
     def on_checkpoint(self, step: int) -> None:
         """A checkpoint for `step` (training resumes at `step`) is committed and may be rolled back to."""
-        self._checkpoints[step] = self.batch_for(step)
+        if step > self._next[0] and self._history:
+            # Ahead of the current timeline: it was written on a branch a rollback abandoned since.
+            self._staged.pop(step, None)
+            return
+        self._checkpoints[step] = self._staged.pop(step, None)
+        if self._checkpoints[step] is None:
+            self._checkpoints[step] = self.batch_for(step)
         for old in sorted(self._checkpoints)[:-_MAX_CHECKPOINTS]:
             del self._checkpoints[old]
         open_anomalies = [a["step"] for a in self._anomalies if a["step"] > step - self.cfg.window]
@@ -195,6 +220,54 @@ class Guardian:
     def skipped_ranges(self) -> list[tuple[int, int]]:
         """Every range [a, b) of global batches the data feed must skip (hand these to a rebuilt feed)."""
         return list(self._skipped)
+
+    def checkpoints_exist(self, steps: list[int]) -> None:
+        """These are all the checkpoints left in storage (retention deleted the others): forget the rest, so
+        no rollback ever targets a deleted one."""
+        gone = [c for c in self._checkpoints if c not in set(steps)]
+        for c in gone:
+            del self._checkpoints[c]
+        if gone:
+            self._emit({"event": "checkpoints_deleted", "steps": sorted(gone)})
+
+    def rollback_target(self) -> int | None:
+        """The checkpoint a rollback would go to if one were needed now: the newest one before every anomaly
+        still inside the window (and before a divergence run under way). No later rollback goes further back
+        until this one is reached, so it is the one to pin."""
+        now = self._next[0] - 1
+        starts = [a["step"] for a in self._anomalies if a["step"] > now - self.cfg.window]
+        if self.detectors.divergence.run_start is not None:
+            starts.append(self.detectors.divergence.run_start)
+        if not starts:
+            return max(self._checkpoints, default=None)
+        return self.healthy_checkpoint(min(starts))
+
+    def older_checkpoints(self, step: int) -> list[int]:
+        """Known checkpoints older than `step`, newest first: where a rollback goes if `step` is unreadable."""
+        return sorted((c for c in self._checkpoints if c < step), reverse=True)
+
+    def rollback_fell_back(self, intended: int, actual: int, reason: str) -> None:
+        """The loop could not load rollback target `intended` and loaded the older `actual` instead."""
+        batch = self._checkpoints.get(actual, self.batch_for(actual))
+        for c in [c for c in self._checkpoints if c > actual]:
+            del self._checkpoints[c]
+        self.detectors.rewind(actual)
+        self._history = deque(((s, b) for s, b in self._history if s < actual), maxlen=self._history.maxlen)
+        self._next = (actual, self._skip_out(batch))
+        if self._rollbacks:
+            self._rollbacks[-1]["to"] = actual
+        if self._cooldown is not None:
+            self._cooldown = (actual, actual + self.cfg.cooldown_steps)
+        self._emit({"event": "rollback_fallback", "step": actual, "intended": intended, "rollback_to": actual,
+                    "reason": reason})
+
+    def resume_after_abort(self, reason: str) -> None:
+        """The person running the job chose to go on after an abort: forget it, and allow max_rollbacks more."""
+        if self._aborted is None:
+            return
+        self._aborted = None
+        self._rollbacks_before_resume = len(self._rollbacks)
+        self._emit({"event": "resumed_after_abort", "reason": reason, "rollbacks": self.rollbacks})
 
     def healthy_checkpoint(self, streak_start: int) -> int | None:
         """The newest committed checkpoint whose updates all predate a streak that began at `streak_start`."""
@@ -251,7 +324,7 @@ class Guardian:
         why = ("the loss diverged" if diverged else
                f"{len(self._anomalies)} anomalies within {self.cfg.window} steps "
                f"(guardian.skips_before_rollback={self.cfg.skips_before_rollback})")
-        if self.rollbacks >= self.cfg.max_rollbacks:
+        if self.rollbacks - self._rollbacks_before_resume >= self.cfg.max_rollbacks:
             used_up = f"{why}, and guardian.max_rollbacks={self.cfg.max_rollbacks} rollbacks are used up"
             return self._abort(report, batch, findings, used_up)
         target = self.healthy_checkpoint(streak_start)
@@ -267,6 +340,7 @@ class Guardian:
         self._add_skipped(start, end)
         for c in [c for c in self._checkpoints if c > target]:
             del self._checkpoints[c]  # an abandoned branch
+        self._staged = {c: b for c, b in self._staged.items() if c <= target}
         self.detectors.rewind(target)
         self._history = deque(((s, b) for s, b in self._history if s < target), maxlen=self._history.maxlen)
         self._anomalies.clear()
@@ -282,7 +356,8 @@ class Guardian:
         if lr_factor < 1.0:
             reason += f"; lr x{lr_factor:g} for {self.cfg.cooldown_steps} steps"
         decision = Decision("rollback", reason, lr_factor=lr_factor, rollback_to=target,
-                            skip_range=(start, end), skip_ranges=self.skipped_ranges())
+                            skip_range=(start, end), skip_ranges=self.skipped_ranges(),
+                            fallbacks=self.older_checkpoints(target))
         self._emit_decision(decision, report, batch, findings)
         return decision
 
@@ -322,6 +397,8 @@ class Guardian:
             "rollbacks": [dict(r) for r in self._rollbacks],
             "cooldown": None if self._cooldown is None else list(self._cooldown),
             "aborted": self._aborted,
+            "rollbacks_before_resume": self._rollbacks_before_resume,
+            "staged": [[c, b] for c, b in sorted(self._staged.items())],
             "events": self._events[-_MAX_EVENTS_IN_STATE:],
             "seq": self._seq,
         }
@@ -349,6 +426,8 @@ class Guardian:
         if cooldown is not None and (self._cooldown is None or cooldown[1] > self._cooldown[1]):
             self._cooldown = (int(cooldown[0]), int(cooldown[1]))
         self._aborted = self._aborted or state.get("aborted")
+        self._rollbacks_before_resume = max(self._rollbacks_before_resume, int(state.get("rollbacks_before_resume", 0)))
+        self._staged.update({int(c): int(b) for c, b in state.get("staged", []) if int(c) <= resume_step})
         by_seq = {e["seq"]: e for e in state.get("events", [])}
         by_seq.update({e["seq"]: e for e in self._events})
         self._events = [by_seq[s] for s in sorted(by_seq)]

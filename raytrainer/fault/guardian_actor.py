@@ -57,8 +57,17 @@ class GuardianActor:
             self.flush()  # the job is about to end: the report must reach storage
         return decision
 
+    def on_checkpoint_staged(self, step: int) -> None:
+        self.guardian.on_checkpoint_staged(step)
+
     def on_checkpoint(self, step: int) -> None:
         self.guardian.on_checkpoint(step)
+
+    def checkpoints_exist(self, steps: list[int]) -> None:
+        self.guardian.checkpoints_exist(steps)
+
+    def rollback_fell_back(self, intended: int, actual: int, reason: str) -> None:
+        self.guardian.rollback_fell_back(intended, actual, reason)
 
     def state_dict(self) -> dict:
         return self.guardian.state_dict()
@@ -110,8 +119,17 @@ class GuardianClient:
         """Report step `step` and get the decision. Call on rank 0 only, then broadcast the decision."""
         return self._call("observe", StepReport.from_stats(step, stats, cursor, lr=lr, batch=batch))
 
+    def on_checkpoint_staged(self, step: int) -> None:
+        self._call("on_checkpoint_staged", step)
+
     def on_checkpoint(self, step: int) -> None:
         self._call("on_checkpoint", step)
+
+    def checkpoints_exist(self, steps: list[int]) -> None:
+        self._call("checkpoints_exist", steps)
+
+    def rollback_fell_back(self, intended: int, actual: int, reason: str) -> None:
+        self._call("rollback_fell_back", intended, actual, reason)
 
     def state_dict(self) -> dict:
         return self._call("state_dict")

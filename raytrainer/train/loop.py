@@ -1,12 +1,13 @@
 """The per-worker training loop: the algorithm, with Ray and storage kept behind small interfaces.
 
-    restore the latest healthy checkpoint (or start fresh)
+    restore the latest checkpoint every rank can read (or start fresh)
     for each global step:
         take this rank's micro-batches of the global batch
         forward + backward (accumulated), global loss and pre-clip grad norm
         ask the guardian: continue | skip | roll back | abort
         apply (or skip) the optimizer step
         log; checkpoint when due
+        rank 0: tell the guardian of checkpoints every rank has committed; retention keeps its target
 
 `raytrainer.train.ray_entry` builds a Trainer inside a Ray Train worker; tests build one in-process.
 """
@@ -18,14 +19,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from raytrainer.checkpoint.manager import CheckpointManager, TrainerState, all_ranks_agree
 from raytrainer.config import Config
 from raytrainer.fault.guardian import Decision
-from raytrainer.train.checkpointing import CheckpointManager, TrainerState
 from raytrainer.train.engine import StepEngine, StepStats
 from raytrainer.train.metrics import Throughput
 
@@ -39,7 +39,10 @@ class GuardianAbort(RuntimeError):
 class Guardian(Protocol):
     def decide(self, step: int, stats: StepStats, cursor: dict, *, lr: float | None = None,
                batch: int | None = None) -> Decision: ...
+    def on_checkpoint_staged(self, step: int) -> None: ...
     def on_checkpoint(self, step: int) -> None: ...
+    def checkpoints_exist(self, steps: list[int]) -> None: ...
+    def rollback_fell_back(self, intended: int, actual: int, reason: str) -> None: ...
     def skipped_ranges(self) -> list[tuple[int, int]]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -57,7 +60,16 @@ class NoGuardian:
     def skipped_ranges(self) -> list[tuple[int, int]]:
         return []
 
+    def on_checkpoint_staged(self, step: int) -> None:
+        pass
+
     def on_checkpoint(self, step: int) -> None:
+        pass
+
+    def checkpoints_exist(self, steps: list[int]) -> None:
+        pass
+
+    def rollback_fell_back(self, intended: int, actual: int, reason: str) -> None:
         pass
 
     def state_dict(self) -> dict:
@@ -77,6 +89,7 @@ class WorkerEnv:
     report: Callable[..., None] = lambda metrics, checkpoint_step=None: None
     registers_checkpoints: bool = False  # report() registers committed checkpoints (Ray Train)
     broadcast: Callable[[Any], Any] = lambda obj: obj  # rank 0's object to every rank
+    agree: Callable[[bool], bool] = all_ranks_agree  # True everywhere only if True on every rank
     hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)  # fault-injection hooks (tests)
 
 
@@ -107,15 +120,25 @@ class Trainer:
         self.start_step = 0
         self._last_step_end: float | None = None
         self._recent_rates: list[float] = []
+        self._pin: int | None = None  # the guardian's current rollback target (rank 0)
 
     # ------------------------------------------------------------------ the algorithm
 
     def fit(self) -> dict:
         step = self.start_step = self.restore()
+        if step >= self.cfg.train.steps and step > 0:
+            if self.env.rank == 0:
+                log.info("run %s already finished at step %d (%s): nothing to do; raise train.steps to train "
+                         "further, or pick a new run.name for a new run", self.cfg.run.name, step,
+                         self.checkpoints.store.step_url(step))
+            self.checkpoints.finish()
+            return {"step": step, "history": self.history, "already_finished": True}
         while step < self.cfg.train.steps:
             step = self.train_step(step)
         self.save(step, final=True)
         self.checkpoints.wait()
+        self.keep_books()
+        self.checkpoints.finish()
         if self.env.registers_checkpoints:
             # Every rank reports, as at every log step; Ray registers the checkpoint only once all of them
             # are here, so after each rank has committed its part.
@@ -142,6 +165,7 @@ class Trainer:
         if self.checkpoint_due(step):
             self.save(step)
             self._last_step_end = None  # a save's stall is measured by the checkpoint bench, not as a slow step
+        self.keep_books(decision.pin)
         return step
 
     # ------------------------------------------------------------------ pieces
@@ -160,22 +184,44 @@ class Trainer:
             log.warning("step %d: guardian says %s (%s)", step, decision.action, decision.reason)
         return decision
 
+    def keep_books(self, pin: int | None = None) -> None:
+        """Rank 0: checkpoints every rank has committed become rollback targets; retention then keeps the
+        guardian's target (`pin`) and deletes, in the background, what the guardian has just forgotten."""
+        if self.env.rank != 0:
+            return
+        self._pin = pin if pin is not None else self._pin
+        committed = self.checkpoints.committed()
+        for step in committed:
+            self.guardian.on_checkpoint(step)
+        if committed or self._pin is not None:
+            if self.checkpoints.retain(self._pin):
+                self.guardian.checkpoints_exist(self.checkpoints.complete_steps())
+
     def rollback(self, step: int, decision: Decision) -> int:
         target = decision.rollback_to
         log.warning("step %d: rolling back in place to checkpoint step %s, skipping global batches %s",
                     step, target, decision.skip_range)
         self.engine.zero_grad()
-        self.checkpoints.wait()
-        # Checkpoints after the target belong to the abandoned branch: a later crash must not resume there.
-        self.checkpoints.discard_after(target)
-        state = self.checkpoints.load(target, self.engine)
+        self.checkpoints.wait()  # this rank's uploads are done: nothing is written behind the load
+        # The target first: only once it is loaded is the abandoned branch deleted. If every rank cannot read
+        # it, the next older healthy checkpoint is used, and the guardian is told.
+        candidates = [target, *decision.fallbacks]
+        state = self.checkpoints.load_first_good(candidates, self.engine, f"rollback at step {step}")
+        if state is None:
+            raise GuardianAbort(f"step {step}: the guardian rolled back, but none of the checkpoints {candidates} "
+                                f"could be loaded (see the warnings above); inspect them with `raytrainer inspect "
+                                f"--run {self.cfg.run.name}`")
+        if state.step != target and self.env.rank == 0:
+            self.guardian.rollback_fell_back(target, state.step, f"checkpoint {target} could not be loaded")
+        # Checkpoints after the one loaded belong to the abandoned branch: a later crash must not resume there.
+        self.checkpoints.discard_after(state.step)
         self.feed = self.feed_factory(state.cursor)
         # The checkpoint's cursor predates ranges the guardian added since, so apply all of them.
         for start, end in decision.skip_ranges or ([decision.skip_range] if decision.skip_range else []):
             self.feed.skip_batches(start, end)
         # The guardian's own state stays the live one (it knows about this rollback); only the
         # model, optimizer, schedule and data position go back.
-        self.history.append({"step": step, "action": "rollback", "to": target, "skip": decision.skip_range})
+        self.history.append({"step": step, "action": "rollback", "to": state.step, "skip": decision.skip_range})
         return state.step
 
     def restore(self) -> int:
@@ -185,6 +231,8 @@ class Trainer:
             step = 0
         else:
             self.guardian.load_state_dict(state.guardian)
+            if self.env.rank == 0:  # retention of an earlier attempt may have deleted checkpoints it knew
+                self.guardian.checkpoints_exist(self.checkpoints.complete_steps())
             self.feed = self.feed_factory(state.cursor)
             step = state.step
         # The live guardian may know of skipped windows newer than the checkpoint (a rollback, then a
@@ -208,6 +256,8 @@ class Trainer:
         return by_steps or by_time
 
     def save(self, step: int, final: bool = False) -> None:
+        if self.env.rank == 0:
+            self.guardian.on_checkpoint_staged(step)
         state = TrainerState(
             step=step,
             cursor=self.feed.cursor(),
@@ -215,8 +265,6 @@ class Trainer:
             metrics=self.history[-1] if self.history else {},
         )
         self.checkpoints.save(state, self.engine, final=final)
-        if self.env.rank == 0:
-            self.guardian.on_checkpoint(step)
         self.last_checkpoint_time = time.monotonic()
 
     def record(self, step: int, stats: StepStats, decision: Decision, applied: bool) -> None:
@@ -278,7 +326,3 @@ def set_worker_threads(cfg: Config, local_world_size: int) -> None:
     torch.set_num_threads(threads)
 
 
-def default_staging_dir(run_name: str, rank: int) -> Path:
-    import tempfile
-
-    return Path(tempfile.gettempdir()) / "raytrainer" / run_name / f"rank-{rank:05d}"

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from raytrainer.checkpoint.manager import all_ranks_agree, run_store
+from raytrainer.checkpoint.ray_pointers import read_pointer, registered_dir_name, write_pointer
 from raytrainer.config import Config
-from raytrainer.fault.checkpoint_store import CheckpointStore
-from raytrainer.train.checkpointing import run_store
 from raytrainer.train.loop import NoGuardian, Trainer, WorkerEnv, set_worker_threads
 
 log = logging.getLogger("raytrainer.train")
@@ -27,45 +24,13 @@ def broadcast_from_rank0(obj):
     return box[0]
 
 
-# --------------------------------------------------------------------------- Ray Train's checkpoint list
-
-# Ray Train is told of every committed checkpoint through ray.train.report, as a small pointer directory
-# (this file: step and URL) under <storage>/<run>/registered/. The checkpoint itself stays where the store
-# wrote and committed it: retention and guardian rollbacks delete store directories, and a Ray run snapshot
-# that listed those would refuse the next resubmission. Pointers are never deleted, so Ray's list stays
-# valid; a pointer whose step was pruned or rolled back resolves to nothing (read_pointer + the store).
-POINTER_FILE = "raytrainer_checkpoint.json"
-
-
-def registered_dir_name(step: int) -> str:
-    return f"registered/step_{step:08d}"
-
-
-def write_pointer(directory: str | Path, store: CheckpointStore, step: int) -> None:
-    (Path(directory) / POINTER_FILE).write_text(json.dumps(
-        {"step": step, "url": store.step_url(step), "run": store.run_name}))
-
-
-def read_pointer(checkpoint: Any) -> dict | None:
-    """{"step", "url", "run"} of a checkpoint Ray Train returns (get_checkpoint, Result.checkpoint, ...)."""
-    if checkpoint is None:
-        return None
-    path = f"{checkpoint.path.rstrip('/')}/{POINTER_FILE}"
-    try:
-        with checkpoint.filesystem.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (OSError, ValueError) as e:
-        log.warning("Ray Train checkpoint %s has no readable %s (%s); ignoring it", checkpoint.path, POINTER_FILE, e)
-        return None
-
-
 def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=None, store=None) -> Trainer:
     """Everything one worker needs, from the config alone (plus its place in the world)."""
+    from raytrainer.checkpoint.manager import CheckpointManager
     from raytrainer.data.feed import DataFeed
     from raytrainer.fault.injection import FaultInjector
     from raytrainer.fault.watchdog import StepWatchdog
     from raytrainer.model import Transformer
-    from raytrainer.train.checkpointing import CheckpointManager
     from raytrainer.train.engine import StepEngine
     from raytrainer.train.strategies import build_strategy
 
@@ -122,6 +87,7 @@ def train_fn(loop_config: dict) -> None:
         world_size=ctx.get_world_size(),
         report=report,
         broadcast=broadcast_from_rank0,
+        agree=all_ranks_agree,
         registers_checkpoints=True,
     )
     registered = read_pointer(ray.train.get_checkpoint())

@@ -62,7 +62,7 @@ def load_full_state_dict(cfg: Config, model: nn.Module, directory: str | Path, u
         state = load_deepspeed(directory, use_ema=use_ema)
         return _with_parameters(model, state) if use_ema else state
     if use_ema:
-        from raytrainer.train import dcp_io
+        from raytrainer.checkpoint import dcp_io
 
         state = {"ema": {n: p.detach().float().clone() for n, p in model.named_parameters()}}
         dcp_io.load(state, directory)  # never unpickles anything but tensors and DCP metadata

@@ -34,8 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from raytrainer.checkpoint import dcp_io
 from raytrainer.config import Config
-from raytrainer.train import dcp_io
 
 
 def distributed() -> bool:
