@@ -2,6 +2,10 @@
 
 With no arguments it runs the default job: the tiny model on the sample corpus, on a local Ray.
 Submit to a cluster with `ray job submit --working-dir . -- python jobs/pretrain.py --config ...`.
+
+Exit status: 0 done; 2 a configuration problem (including a resubmitted run its guardian aborted, until
+run.resume_after_abort is set); 3 the guardian aborted the run, and its incident report is the last thing
+printed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from raytrainer.config import ConfigError, load_config  # noqa: E402
+
+GUARDIAN_ABORT_EXIT_CODE = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,13 +35,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from raytrainer.fault.guardian import GuardianAbort
     from raytrainer.launch import run
 
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except ConfigError as e:
+        _last_words(f"error: {e}")
+        return 2
+    except GuardianAbort as e:
+        _last_words(str(e))
+        return GUARDIAN_ABORT_EXIT_CODE
     m = result["metrics"]
     print(f"done: {result['run']} at step {result['step']}, loss {m.get('loss', float('nan')):.4f}; "
           f"checkpoint {result['checkpoint']}")
     return 0
+
+
+def _last_words(text: str) -> None:
+    """Print `text` as the job's last output: Ray stops streaming worker logs to this process first."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    print(text, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -216,7 +216,12 @@ class ParallelConfig(Section):
     fsdp_cpu_offload: bool = False
     max_failures: int = Field(3, ge=-1)  # worker-group restarts before the run gives up; -1 = unlimited
     elastic_resize_interval_s: float = Field(60.0, ge=0)  # how often a healthy run looks for more capacity
-    worker_start_timeout_s: float = Field(600.0, gt=0)  # a worker group that cannot be placed fails after this
+    # How long the first start of a run may wait for capacity (placement) before it tries again. Once an
+    # elastic run (min_workers < max_workers) has trained, its restarts and resizes wait
+    # worker_restart_timeout_s instead (never longer than this) and then size the group again from the
+    # nodes still alive, so a node lost abruptly costs seconds (raytrainer/elastic.py).
+    worker_start_timeout_s: float = Field(600.0, gt=0)
+    worker_restart_timeout_s: float = Field(30.0, gt=0)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 
     @model_validator(mode="after")
@@ -274,7 +279,13 @@ class RunConfig(Section):
     name: str = "tiny"
     address: str | None = None  # Ray address; None starts (or joins) a local Ray
     local_num_cpus: int = Field(8, gt=0)  # logical CPUs for a local Ray, above the core count on purpose
+    # true: go on from the newest complete checkpoint of <checkpoint.storage>/<name>, if there is one.
+    # false: start at step 0; when that directory already holds a run, this one is named
+    # <name>-<UTC timestamp> instead (the old run is never touched) and the driver logs where it went.
     resume: bool = True
+    # A run the guardian aborted is not resubmitted as it was: set this (ideally with a lower optim.lr or
+    # more schedule.warmup_steps) to clear the abort and allow guardian.max_rollbacks more rollbacks.
+    resume_after_abort: bool = False
 
 
 # --------------------------------------------------------------------------- the whole

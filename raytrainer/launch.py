@@ -1,7 +1,9 @@
 """The job driver: checks everything that can be checked before a GPU-hour is spent, then runs Ray Train.
 
-Order matters: config (already validated) -> storage preflight -> Ray -> dataset validation ->
-capacity check -> guardian actor -> TorchTrainer.fit(). Any failure before fit() names what is wrong.
+Order matters: config (already validated) -> storage preflight -> the run's directory (run.resume) and a
+refusal to resume a run its guardian aborted (run.resume_after_abort) -> Ray -> dataset validation ->
+capacity check -> guardian actor -> TorchTrainer.fit(). Any failure before fit() names what is wrong; a
+guardian abort ends fit() without a restart and run() raises GuardianAbort with the incident report.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from raytrainer.config import Config, ConfigError, to_dict
 
 log = logging.getLogger("raytrainer.launch")
 
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
 
 def init_ray(cfg: Config) -> None:
     import ray
@@ -21,8 +25,8 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     # Read by the Ray Train controller: a worker group that cannot be placed fails with a reason
-    # after this long instead of waiting forever.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(cfg.parallel.worker_start_timeout_s)))
+    # after this long instead of waiting forever. Elastic runs shorten it for restarts (raytrainer.elastic).
+    os.environ.setdefault(START_TIMEOUT_ENV, str(int(cfg.parallel.worker_start_timeout_s)))
     address = cfg.run.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -82,11 +86,21 @@ def ensure_sample_data(cfg: Config) -> None:
     make_sample_dataset(cfg.data.path, tokenizer=cfg.data.tokenizer)
 
 
+def first_start_timeout_s(cfg: Config) -> float:
+    """The placement timeout of a run's first start: the environment's, when one was set, else the config's."""
+    try:
+        return float(os.environ[START_TIMEOUT_ENV])
+    except (KeyError, ValueError):
+        return cfg.parallel.worker_start_timeout_s
+
+
 def build_torch_trainer(cfg: Config, storage_path: str, storage_filesystem: Any):
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from raytrainer.elastic import NodeLossAwareTorchTrainer
     from raytrainer.train.ray_entry import train_fn
+    from raytrainer.train.ray_failure import end_runs_on_guardian_abort
 
     p = cfg.parallel
     workers = p.min_workers if p.min_workers == p.max_workers else (p.min_workers, p.max_workers)
@@ -103,12 +117,62 @@ def build_torch_trainer(cfg: Config, storage_path: str, storage_filesystem: Any)
         storage_filesystem=storage_filesystem,
         failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
     )
-    return TorchTrainer(
+    # Elastic runs are sized from the nodes alive at each restart, so an abruptly lost node costs seconds,
+    # not a start timeout; a fixed-size run gets Ray's own policy.
+    trainer = NodeLossAwareTorchTrainer(
         train_fn,
         train_loop_config={"config": to_dict(cfg)},
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend=backend),
+        first_start_timeout_s=first_start_timeout_s(cfg),
+        restart_timeout_s=p.worker_restart_timeout_s,
+    )
+    # A guardian abort is final, whatever parallel.max_failures says: a restart would only replay it.
+    return end_runs_on_guardian_abort(trainer)
+
+
+class AbortedRunError(ConfigError):
+    """The run's guardian aborted it, and the resubmission does not say how to go on."""
+
+
+def fresh_run(cfg: Config) -> Config:
+    """run.resume=false: a run that starts at step 0. When <storage>/<run.name> already holds a run, this one
+    gets its own directory, <run.name>-<UTC timestamp>; the old run is never touched."""
+    from datetime import UTC, datetime
+
+    from raytrainer.storage import open_storage
+
+    storage = open_storage(cfg.checkpoint.storage, cfg.checkpoint.s3)
+    if not storage.listdir(cfg.run.name):
+        return cfg
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    name, n = f"{cfg.run.name}-{stamp}", 1
+    while storage.listdir(name):  # two submissions within a second
+        n += 1
+        name = f"{cfg.run.name}-{stamp}-{n}"
+    log.info("run.resume=false: %s already holds a run, left as it is; this one starts at step 0 in %s "
+             "(run.name=%s)", storage.uri(cfg.run.name), storage.uri(name), name)
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
+
+
+def check_not_aborted(cfg: Config) -> str | None:
+    """The abort reason when the run's guardian aborted it (its durable state says so), else None; raises
+    AbortedRunError unless run.resume_after_abort is set."""
+    from raytrainer.fault.guardian_actor import read_guardian_state
+    from raytrainer.storage import join
+
+    reason = (read_guardian_state(cfg) or {}).get("aborted")
+    if not reason or cfg.run.resume_after_abort:
+        return reason
+    where = join(cfg.checkpoint.storage, cfg.run.name, "guardian")
+    raise AbortedRunError(
+        f"run '{cfg.run.name}' was aborted by its guardian and is not resumed as it was: "
+        f"{reason.splitlines()[0]}\n"
+        f"  the whole incident report is the last 'abort' event in {where}/events.jsonl\n"
+        f"  to go on from its newest checkpoint, resubmit with --set run.resume_after_abort=true, ideally with "
+        f"a lower optim.lr (now {cfg.optim.lr:g}) or a higher schedule.warmup_steps (now "
+        f"{cfg.schedule.warmup_steps}); to start over at step 0 instead, --set run.resume=false"
     )
 
 
@@ -117,9 +181,13 @@ def run(cfg: Config) -> dict:
     from raytrainer.data.validate import validate_data_config
     from raytrainer.fault.guardian_actor import start_guardian, stop_guardian
     from raytrainer.storage import open_storage, preflight
+    from raytrainer.train.ray_failure import guardian_abort_in
 
     cfg = absolute_local_paths(cfg)
     preflight(cfg.checkpoint.storage, cfg.checkpoint.s3)  # seconds, and before any cluster work
+    if not cfg.run.resume:
+        cfg = fresh_run(cfg)
+    aborted = check_not_aborted(cfg)
     init_ray(cfg)
     ensure_sample_data(cfg)
     report = validate_data_config(cfg.data, model_vocab_size=cfg.model.vocab_size)
@@ -128,7 +196,13 @@ def run(cfg: Config) -> dict:
                     "; ".join(f"{s.path}: {s.reason}" for s in report.skipped[:5]))
     check_capacity(cfg, autoscaling=bool(cfg.run.address or os.environ.get("RAY_ADDRESS")))
     if cfg.guardian.enabled:
-        start_guardian(cfg)
+        guardian = start_guardian(cfg)
+        if aborted and guardian.resume_after_abort(
+                f"resubmitted with run.resume_after_abort=true (optim.lr={cfg.optim.lr:g}, "
+                f"schedule.warmup_steps={cfg.schedule.warmup_steps})"):
+            log.warning("run %s: the guardian's abort is cleared (run.resume_after_abort=true), and "
+                        "guardian.max_rollbacks=%d more rollbacks are allowed; going on from the newest checkpoint",
+                        cfg.run.name, cfg.guardian.max_rollbacks)
     storage = open_storage(cfg.checkpoint.storage, cfg.checkpoint.s3)
     trainer = build_torch_trainer(cfg, storage.root, storage.fs)
     log.info("training %s: %d steps on %d..%d %s workers (%s)", cfg.run.name, cfg.train.steps,
@@ -136,9 +210,14 @@ def run(cfg: Config) -> dict:
              "GPU" if cfg.parallel.use_gpu else "CPU", cfg.parallel.strategy)
     try:
         result = trainer.fit()
+    except Exception as e:
+        abort = guardian_abort_in(e)
+        if abort is None:
+            raise
+        raise abort from None  # the incident report, without Ray's wrapping of every rank's traceback
     finally:
         if cfg.guardian.enabled:
-            stop_guardian(cfg.run.name)  # flushes the events log
+            stop_guardian(cfg.run.name)  # flushes the events log and the guardian's state
     if result.error is not None:
         raise result.error
     return {**summarize(cfg), **registered_with_ray(result)}

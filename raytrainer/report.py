@@ -68,15 +68,21 @@ def format_report(report: dict[str, Any]) -> str:
 def inspect_checkpoint(run_url: str, step: int | None = None, s3: S3Config | None = None,
                        verify: bool = False) -> dict[str, Any]:
     store, _ = open_run(run_url, s3)
+    listing = store.list()
+    # Every checkpoint a resume would pass over is named here with what is wrong with it (damaged by a
+    # load, torn, missing ranks), so the person knows which step is used and why.
+    unusable = [{"step": c.step, "problems": c.problems} for c in listing if not c.complete]
     if step is None:
         step = store.latest_complete()
         if step is None:
-            return {"run": run_url, "complete": False, "problem": "no complete checkpoint in this run"}
-    info = next((c for c in store.list() if c.step == step), None)
+            return {"run": run_url, "complete": False, "problem": "no complete checkpoint in this run",
+                    "unusable": unusable}
+    info = next((c for c in listing if c.step == step), None)
     if info is None:
-        return {"run": run_url, "step": step, "complete": False, "problem": f"no checkpoint at step {step}"}
-    out: dict[str, Any] = {"run": run_url, "step": step, "complete": info.complete,
-                           "world_size": info.world_size, "problems": info.problems}
+        return {"run": run_url, "step": step, "complete": False, "problem": f"no checkpoint at step {step}",
+                "unusable": unusable}
+    out: dict[str, Any] = {"run": run_url, "step": step, "complete": info.complete, "pinned": info.pinned,
+                           "world_size": info.world_size, "problems": info.problems, "unusable": unusable}
     if info.complete:
         records = store.records(step)
         out["files"] = {name: meta["size"] for r in records.values() for name, meta in r.files.items()}

@@ -6,9 +6,14 @@ from pathlib import Path
 
 from raytrainer.config import Config, load_config
 
-MICRO = [
+# A micro model and batch: seconds per run. Recovery tests that must run with a preset's own settings use
+# only this part and keep the preset's checkpoint interval, retention, guardian thresholds and schedule.
+MICRO_MODEL = [
     "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.multiple_of=32",
     "model.max_seq_len=128", "train.seq_len=64", "train.global_batch_tokens=1024", "train.micro_batch_size=4",
+]
+MICRO = [
+    *MICRO_MODEL,
     "schedule.warmup_steps=5", "optim.lr=3e-3", "train.log_every=5",
     "checkpoint.keep_last=10", "checkpoint.every_steps=10",
     "guardian.warmup_exempt_steps=5", "guardian.min_window=8", "guardian.window=16",

@@ -66,12 +66,13 @@ class Housekeeper:
         """Wait until every queued job is done (and, with include_watches, every watched step resolved)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            self._jobs.join()
-            if not include_watches or self._idle.is_set():
+            if self._jobs.unfinished_tasks == 0 and (not include_watches or self._idle.is_set()):
                 return True
             if deadline is not None and time.monotonic() > deadline:
                 return False
-            self._idle.wait(0.05)
+            if self._thread is None or not self._thread.is_alive():
+                return self._jobs.unfinished_tasks == 0
+            time.sleep(0.02)
 
     def close(self, timeout_s: float = 60.0) -> None:
         if self._thread is None:
@@ -112,7 +113,7 @@ class Housekeeper:
                     self._idle.clear()
                 else:
                     self._idle.set()
-                if job:
+                if job != ():
                     self._jobs.task_done()
 
     def _do(self, job: tuple, watching: list[int]) -> None:

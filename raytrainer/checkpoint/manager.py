@@ -189,6 +189,14 @@ class CheckpointManager:
                 log.info("deleted checkpoints %s: they belong to the branch the guardian rolled back", newer)
         self.env.broadcast(None)
 
+    def settle(self, timeout_s: float | None = 300.0) -> None:
+        """Block until this rank's uploads are done and rank 0 has seen which of its saves every rank
+        committed (the next committed() returns them). For the end of a run, and for tests."""
+        self.wait()
+        if self.rank0 and not self.housekeeper.flush(timeout_s):
+            log.warning("checkpoint bookkeeping: some saves were still not committed by every rank after %s s",
+                        timeout_s)
+
     def finish(self, timeout_s: float = 300.0) -> None:
         """At the end of a run: this rank's uploads, then rank 0's pending deletions and pins, are done."""
         self.wait()

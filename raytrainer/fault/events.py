@@ -6,6 +6,7 @@ small). A local write goes to a temporary file and is renamed into place; an S3 
 atomically. Either way a reader sees the old log or the new one, never half of it.
 
 A log opened on an existing object keeps its lines, so a resubmitted job continues the same log.
+The guardian's durable state, `<run>/guardian/state.json` (StateFile), is one object replaced the same way.
 Write failures (an S3 outage) never stop training: they are logged and retried with the next event or flush.
 """
 
@@ -27,6 +28,7 @@ from raytrainer.config import Config
 log = logging.getLogger("raytrainer.guardian")
 
 EVENTS_FILE = "events.jsonl"
+STATE_FILE = "state.json"
 
 
 class TextStore(Protocol):
@@ -184,6 +186,74 @@ class EventLog:
                     return
             if not self._write():
                 time.sleep(1.0)  # the store is down; try again shortly
+
+
+class StateFile:
+    """One JSON document in a store, replaced whole each time it changes (the guardian's durable state).
+
+    put() never waits for storage: a background thread writes the newest document, so a burst of changes
+    costs one write and a slow store never delays a decision; flush() waits until storage holds the latest.
+    A failed write is logged and retried, like the events log.
+    """
+
+    def __init__(self, store: TextStore, name: str = STATE_FILE):
+        self.store = store
+        self.name = name
+        self._pending: str | None = None
+        self._version = 0  # of the newest document put
+        self._written = 0  # the version storage holds
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None  # started by the first put(): a reader needs none
+
+    def read(self) -> dict | None:
+        """The stored document; None when there is none. A store that cannot be read raises: an outage
+        must not look like a run without history."""
+        text = self.store.read_text(self.name)
+        if text is None:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{self.name} in {self.store} is not JSON ({e}); move it away to start the "
+                             "guardian without its history") from None
+
+    def put(self, state: dict) -> None:
+        text = json.dumps(state, sort_keys=True, default=str)  # now: the caller may change `state` next
+        with self._lock:
+            self._pending = text
+            self._version += 1
+            self._lock.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._writer, name="guardian-state", daemon=True)
+                self._thread.start()
+
+    def flush(self, timeout_s: float | None = 30.0) -> bool:
+        """Wait until storage holds the newest document; False if it does not within timeout_s."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._lock:
+            while self._written < self._version:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._lock.wait(remaining)
+        return True
+
+    def _writer(self) -> None:
+        while True:
+            with self._lock:
+                while self._written >= self._version:
+                    self._lock.wait()
+                text, version = self._pending, self._version
+            try:
+                self.store.write_text(self.name, text)
+            except Exception as e:  # like the log: never stop training; retry shortly
+                log.warning("guardian: could not write %s to %s (%s: %s); retrying", self.name, self.store,
+                            type(e).__name__, e)
+                time.sleep(1.0)
+                continue
+            with self._lock:
+                self._written = max(self._written, version)
+                self._lock.notify_all()
 
 
 def read_events(store: TextStore, name: str = EVENTS_FILE) -> list[dict]:

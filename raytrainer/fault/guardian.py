@@ -52,7 +52,8 @@ State
 `state_dict()` is JSON-able and goes into every checkpoint. `load_state_dict()` restores the statistics and
 position of that checkpoint but never forgets what the live guardian already knows: skipped ranges are
 united, the rollback count is the larger of the two, so a crash loop cannot reset the escalation and a
-restarted or resubmitted job never replays a window it skipped.
+restarted or resubmitted job never replays a window it skipped. `replace_state()` is the exact restore
+(the actor reloading its own durable copy after a restart): nothing merged, nothing registered.
 
 Recoveries: the first step reported after a restore emits a `resumed` event with the last step seen before
 it, the seconds without progress in between (`stalled_s`: failure detection, restart and reload) and the
@@ -75,6 +76,10 @@ STATE_VERSION = 1
 ACTIONS = ("continue", "skip", "rollback", "abort")
 _MAX_CHECKPOINTS = 64  # checkpoints remembered as rollback targets
 _MAX_EVENTS_IN_STATE = 500  # the event log in storage keeps everything; the state keeps the recent ones
+
+
+class GuardianAbort(RuntimeError):
+    """The guardian gave up on the run; its message is the incident report."""
 
 
 @dataclass
@@ -437,6 +442,31 @@ class Guardian:
                     "skipped": self.skipped_ranges(), "rollbacks": self.rollbacks})
         self._restored = True
 
+    def replace_state(self, state: dict) -> None:
+        """Become exactly the guardian that wrote `state`: the actor reloading its own durable copy after a
+        restart. Unlike load_state_dict (a checkpoint's state, merged with what the live guardian knows), it
+        merges nothing, registers no checkpoint and emits no event."""
+        if not state:
+            return
+        version = state.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(f"guardian state version {version!r} is not {STATE_VERSION}: it was written by "
+                             "another raytrainer version; start fresh (run.resume=false)")
+        self.detectors.load_state_dict(state["detectors"])
+        self._anomalies = [dict(a) for a in state["anomalies"]]
+        self._history = deque((tuple(h) for h in state["history"]), maxlen=self._history.maxlen)
+        self._next = (int(state["next"][0]), int(state["next"][1]))
+        self._checkpoints = {int(c): int(b) for c, b in state["checkpoints"]}
+        self._staged = {int(c): int(b) for c, b in state.get("staged", [])}
+        self._skipped = [(int(a), int(b)) for a, b in state["skipped"]]
+        self._rollbacks = [dict(r) for r in state["rollbacks"]]
+        cooldown = state.get("cooldown")
+        self._cooldown = None if cooldown is None else (int(cooldown[0]), int(cooldown[1]))
+        self._aborted = state.get("aborted")
+        self._rollbacks_before_resume = int(state.get("rollbacks_before_resume", 0))
+        self._events = [dict(e) for e in state.get("events", [])]
+        self._seq = int(state.get("seq", 0))
+
     def _note_progress(self, step: int) -> None:
         """After a restore, the first step reported says how long the run made no progress and how many
         steps it does again: the cost of the failure, in the events log."""
@@ -512,4 +542,4 @@ def _json_float(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)
 
 
-__all__ = ["ACTIONS", "Decision", "Guardian", "StepReport"]
+__all__ = ["ACTIONS", "Decision", "Guardian", "GuardianAbort", "StepReport"]

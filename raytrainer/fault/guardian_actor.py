@@ -2,10 +2,18 @@
 
 Lifetime: owned by the driver, not detached. Ray Train restarts and resizes worker groups underneath the
 driver, which stays up, so an actor the driver owns outlives every worker-group restart and elastic resize,
-and it dies with the job, so no stale guardian outlives its run. A resubmitted job creates a fresh actor
-that takes its state from the checkpoint it resumes (`load_state_dict`) and continues the events log in
-storage. The actor is pinned (softly) to the driver's node, so removing a worker node never takes it down,
-and asks for no CPU, so it never competes with a training worker for a slot.
+and it dies with the job, so no stale guardian outlives its run. The actor is pinned (softly) to the
+driver's node, so removing a worker node never takes it down, and asks for no CPU, so it never competes with
+a training worker for a slot.
+
+Durable state: after every call that changes what the guardian knows (a skip, rollback or abort, a
+checkpoint staged, committed or deleted, a restore, a rollback fallback, a resume after an abort) the actor
+puts `Guardian.state_dict()` in `<run>/guardian/state.json` beside the events log, written in the background
+(a rollback or abort waits for the write before it is answered); healthy steps write nothing. When Ray
+restarts the actor (`max_restarts`) or a resubmitted job creates a fresh one, `__init__` reloads that file
+exactly (`Guardian.replace_state`) before answering anything, so known checkpoints, skipped ranges, the
+rollback count and an abort survive; the checkpoint a worker group resumes from is then merged in as before
+(`load_state_dict`).
 
 Driver::
 
@@ -22,11 +30,12 @@ Rank 0 of the worker group::
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
 from raytrainer.config import Config, GuardianConfig
-from raytrainer.fault.events import EventLog, RunStore, TextStore
+from raytrainer.fault.events import EventLog, RunStore, StateFile, TextStore
 from raytrainer.fault.guardian import Decision, Guardian, StepReport
 
 log = logging.getLogger("raytrainer.guardian")
@@ -41,39 +50,65 @@ def actor_name(run_name: str) -> str:
 
 
 class GuardianActor:
-    """The Ray actor: a Guardian plus its events log (written from a background thread)."""
+    """The Ray actor: a Guardian plus its events log and durable state (written from background threads)."""
 
     def __init__(self, guardian_cfg: dict, run_name: str, store: TextStore | None = None):
         self.events_log = EventLog(store, background=True) if store is not None else None
-        self.guardian = Guardian(
-            GuardianConfig.model_validate(guardian_cfg),
-            run_name,
-            on_event=self.events_log.append if self.events_log is not None else None,
-        )
+        self.state_file = StateFile(store) if store is not None else None
+        self._changed = False
+        self.guardian = Guardian(GuardianConfig.model_validate(guardian_cfg), run_name, on_event=self._on_event)
+        saved = self.state_file.read() if self.state_file is not None else None
+        if saved:
+            self.guardian.replace_state(saved)
+        restarted = _restarted_by_ray()
+        if saved or restarted:
+            where = f"{store}/{self.state_file.name}" if self.state_file is not None else "no storage"
+            known = (f"reloaded its state from {where} ({self.guardian.rollbacks} rollbacks, skipped batches "
+                     f"{self.guardian.skipped_ranges() or 'none'}{', aborted' if self.guardian.aborted else ''})"
+                     if saved else f"no state had been saved to {where} yet")
+            # A restart mid-run is worth a warning: the process died, and any decision not yet written is gone.
+            (log.warning if restarted else log.info)("guardian for run %s %s: %s", run_name,
+                                                     "restarted by Ray" if restarted else "started", known)
 
     def observe(self, report: StepReport) -> Decision:
         decision = self.guardian.observe(report)
-        if decision.action == "abort":
-            self.flush()  # the job is about to end: the report must reach storage
+        if decision.action in ("rollback", "abort"):
+            # Every rank acts on this at once (and after an abort the job ends): storage must hold it first.
+            self._persist_now()
+        else:
+            self._persist()
         return decision
 
     def on_checkpoint_staged(self, step: int) -> None:
         self.guardian.on_checkpoint_staged(step)
+        self._changed = True  # once per checkpoint: the batch it resumes at is only certain now
+        self._persist()
 
     def on_checkpoint(self, step: int) -> None:
         self.guardian.on_checkpoint(step)
+        self._persist()
 
     def checkpoints_exist(self, steps: list[int]) -> None:
         self.guardian.checkpoints_exist(steps)
+        self._persist()
 
     def rollback_fell_back(self, intended: int, actual: int, reason: str) -> None:
         self.guardian.rollback_fell_back(intended, actual, reason)
+        self._persist_now()
+
+    def resume_after_abort(self, reason: str) -> bool:
+        """Clear an abort (the person resubmitting said so); True if there was one."""
+        was_aborted = self.guardian.aborted
+        self.guardian.resume_after_abort(reason)
+        self._persist_now()
+        return was_aborted
 
     def state_dict(self) -> dict:
         return self.guardian.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.guardian.load_state_dict(state)
+        self._persist()
 
     def skipped_ranges(self) -> list[tuple[int, int]]:
         return self.guardian.skipped_ranges()
@@ -82,10 +117,40 @@ class GuardianActor:
         return self.guardian.events
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        return True if self.events_log is None else self.events_log.flush(timeout_s)
+        if self.events_log is None or self.state_file is None:
+            return True
+        return self.events_log.flush(timeout_s) and self.state_file.flush(timeout_s)
 
     def ping(self) -> str:
         return self.guardian.run_name
+
+    def _on_event(self, event: dict) -> None:
+        if self.events_log is not None:
+            self.events_log.append(event)
+        self._changed = True  # every state change the guardian makes outside healthy steps emits an event
+
+    def _persist(self) -> None:
+        """Hand the state to its background writer if it changed since the last time."""
+        if not self._changed or self.state_file is None:
+            return
+        self._changed = False
+        self.state_file.put(self.guardian.state_dict())
+
+    def _persist_now(self) -> None:
+        self._persist()
+        if not self.flush(timeout_s=30.0):
+            log.warning("guardian for run %s: its state and events did not reach storage within 30 s; a restart "
+                        "of this actor before they do would forget the last decision", self.guardian.run_name)
+
+
+def _restarted_by_ray() -> bool:
+    """Whether this actor's process died and Ray started it again (max_restarts)."""
+    ray = sys.modules.get("ray")  # an actor's process has imported it; anything else need not pay for it
+    try:
+        return ray is not None and ray.is_initialized() and bool(
+            ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not inside an actor: a GuardianActor built directly (tests, tools)
+        return False
 
 
 class GuardianClient:
@@ -137,6 +202,9 @@ class GuardianClient:
     def load_state_dict(self, state: dict) -> None:
         self._call("load_state_dict", state)
 
+    def resume_after_abort(self, reason: str) -> bool:
+        return self._call("resume_after_abort", reason)
+
     def skipped_ranges(self) -> list[tuple[int, int]]:
         return self._call("skipped_ranges")
 
@@ -157,6 +225,12 @@ class GuardianClient:
                 f"guardian actor '{actor_name(self.run_name)}' did not answer {method}() within "
                 f"{self.timeout_s:g} s; is the driver (and the node it runs on) still alive?"
             ) from None
+
+
+def read_guardian_state(cfg: Config, store: TextStore | None = None) -> dict | None:
+    """The run's durable guardian state (`<run>/guardian/state.json`), or None when it has none: what the
+    driver looks at before any actor or worker starts."""
+    return StateFile(store if store is not None else RunStore.for_run(cfg)).read()
 
 
 def start_guardian(cfg: Config, store: TextStore | None = None, events: bool = True) -> GuardianClient:

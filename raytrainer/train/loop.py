@@ -25,15 +25,11 @@ import torch
 
 from raytrainer.checkpoint.manager import CheckpointManager, TrainerState, all_ranks_agree
 from raytrainer.config import Config
-from raytrainer.fault.guardian import Decision
+from raytrainer.fault.guardian import Decision, GuardianAbort
 from raytrainer.train.engine import StepEngine, StepStats
 from raytrainer.train.metrics import Throughput
 
 log = logging.getLogger("raytrainer.train")
-
-
-class GuardianAbort(RuntimeError):
-    """The guardian gave up on the run; its message is the incident report."""
 
 
 class Guardian(Protocol):
@@ -136,7 +132,7 @@ class Trainer:
         while step < self.cfg.train.steps:
             step = self.train_step(step)
         self.save(step, final=True)
-        self.checkpoints.wait()
+        self.checkpoints.settle()
         self.keep_books()
         self.checkpoints.finish()
         if self.env.registers_checkpoints:
