@@ -1,7 +1,8 @@
 """Recovery with the `tiny` preset's own settings (a checkpoint every 25 steps, keep_last 2, the default
 guardian thresholds, learning rate and schedule; only the model and batch are shrunk to seconds per run):
 anomalies that escalate to a rollback whose target is older than the newest `keep_last` checkpoints.
-The target must survive retention (it is pinned), the run must finish without starting over, and storage must never hold more than retention allows."""
+The target must survive retention (it is pinned), the run must finish without starting over, and storage
+must never hold more than retention allows."""
 
 from __future__ import annotations
 
@@ -88,8 +89,11 @@ def test_unreadable_rollback_target_falls_back_to_an_older_checkpoint(dataset, t
     train_step = trainer.train_step
     caplog.set_level("WARNING", logger="raytrainer.checkpoint")
 
+    damaged = []
+
     def damage_target_before_the_rollback(step):
-        if step == 85:
+        if step == 85 and not damaged:
+            damaged.append(step)
             trainer.checkpoints.wait()
             shard = next((tmp_path / cfg.run.name / "checkpoints" / "step_00000030" / "model").glob("*.distcp"))
             data = bytearray(shard.read_bytes())
