@@ -15,7 +15,7 @@ MICRO_MODEL = [
 MICRO = [
     *MICRO_MODEL,
     "schedule.warmup_steps=5", "optim.lr=3e-3", "train.log_every=5",
-    "checkpoint.keep_last=10", "checkpoint.every_steps=10",
+    "checkpoint.keep_last=2", "checkpoint.every_steps=10",  # the tiny preset's retention; a denser interval
     "guardian.warmup_exempt_steps=5", "guardian.min_window=8", "guardian.window=16",
 ]
 
