@@ -176,7 +176,7 @@ class Trainer:
             decision = self.guardian.decide(step, stats, self.feed.cursor(), lr=self.engine.current_lr,
                                             batch=self.feed.batch_index)
         decision = self.env.broadcast(decision)
-        if decision.action != "continue":
+        if decision.action != "continue" and self.env.rank == 0:
             log.warning("step %d: guardian says %s (%s)", step, decision.action, decision.reason)
         return decision
 
@@ -195,8 +195,9 @@ class Trainer:
 
     def rollback(self, step: int, decision: Decision) -> int:
         target = decision.rollback_to
-        log.warning("step %d: rolling back in place to checkpoint step %s, skipping global batches %s",
-                    step, target, decision.skip_range)
+        if self.env.rank == 0:
+            log.warning("step %d: rolling back in place to checkpoint step %s, skipping global batches %s",
+                        step, target, decision.skip_range)
         self.engine.zero_grad()
         self.checkpoints.wait()  # this rank's uploads are done: nothing is written behind the load
         # The target first: only once it is loaded is the abandoned branch deleted. If every rank cannot read
