@@ -8,11 +8,13 @@ The tiny model trains in this process (the Ray worker's loop, without Ray) for -
           upload and commit happen on a background thread
 
 The stall is the time the loop spends inside the save call, per mid-run checkpoint (the final checkpoint
-is always synchronous and not counted). With --baseline, a run without checkpoints is added and the wall
+is always synchronous and not counted). Retention runs as in training, with --keep-last 1 by default, so
+every commit after the first deletes the previous checkpoint while the run goes on; the deletions each run
+made are reported. With --baseline, a run without checkpoints is added and the wall
 time per checkpoint over it is reported too (background work competing for the cores included); on a
 2-core machine that figure is within the step-time noise.
 
-    .venv/bin/python bench/checkpoint_stall.py [--steps 12] [--every 3] [--rounds 3] [--baseline]
+    .venv/bin/python bench/checkpoint_stall.py [--steps 12] [--every 3] [--rounds 3] [--keep-last 1] [--baseline]
 
 Last line: `async_vs_sync_stall: <async stall / sync stall>`; JSON in bench/results/checkpoint_stall.json.
 """
@@ -54,13 +56,23 @@ def timed_run(cfg) -> dict:
             blocked.append(time.perf_counter() - started)
 
     trainer.checkpoints.save = timed_save
+    deleted: list[int] = []
+    retain = trainer.checkpoints.retain
+
+    def counted_retain(pin):
+        gone = retain(pin)
+        deleted.extend(gone)
+        return gone
+
+    trainer.checkpoints.retain = counted_retain
     step = trainer.restore()
     started = time.perf_counter()
     while step < cfg.train.steps:
         step = trainer.train_step(step)
     trainer.checkpoints.wait()  # the last background upload is part of the cost
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "saves": len(blocked), "blocked_s": blocked}
+    trainer.checkpoints.finish()  # the background deletions, so the next run starts on a quiet store
+    return {"wall_s": wall, "saves": len(blocked), "blocked_s": blocked, "retention_deleted": deleted}
 
 
 def main() -> None:
@@ -70,6 +82,7 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true", help="also time runs without checkpoints")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the rest is left to uploads)")
+    parser.add_argument("--keep-last", type=int, default=1, help="checkpoint.keep_last (retention)")
     args = parser.parse_args()
 
     import torch
@@ -90,10 +103,10 @@ def main() -> None:
             return load_config("tiny", [
                 f"data.path={dataset}", f"train.steps={args.steps}", f"run.name={mode}-{round_}",
                 f"checkpoint.storage={server.url('stall')}", f"checkpoint.s3.endpoint_url={s3.endpoint_url}",
-                f"checkpoint.s3.access_key_id={s3.access_key_id}",
-                f"checkpoint.s3.secret_access_key={s3.secret_access_key}",
+                f"checkpoint.s3.access_key_id={server.access_key}",
+                f"checkpoint.s3.secret_access_key={server.secret_key}",
                 f"checkpoint.every_steps={every}", f"checkpoint.async_upload={mode == 'async'}",
-                "checkpoint.every_minutes=null", "train.log_every=1000",
+                "checkpoint.every_minutes=null", "train.log_every=1000", f"checkpoint.keep_last={args.keep_last}",
             ])
 
         modes = ["none", "sync", "async"] if args.baseline else ["sync", "async"]
@@ -103,12 +116,14 @@ def main() -> None:
                 result = timed_run(config(mode, r))
                 runs[mode].append(result)
                 print(f"round {r} {mode:5s}: {result['wall_s']:.2f}s, {result['saves']} saves, blocked "
-                      f"{sum(result['blocked_s']):.2f}s", flush=True)
+                      f"{sum(result['blocked_s']):.2f}s, retention deleted {result['retention_deleted']}",
+                      flush=True)
 
         summary = {}
         for mode in ("sync", "async"):
             summary[mode] = {
                 "checkpoints_per_run": runs[mode][0]["saves"],
+                "retention_deletions_per_run": statistics.median(len(x["retention_deleted"]) for x in runs[mode]),
                 "stall_s_per_checkpoint": statistics.median(statistics.mean(x["blocked_s"]) for x in runs[mode]),
             }
         # the step time: from the runs without checkpoints where there are some, else from the sync runs
@@ -121,7 +136,7 @@ def main() -> None:
         result = {
             "name": "checkpoint_stall",
             "config": {"model": "tiny", "steps": args.steps, "every": args.every, "rounds": args.rounds,
-                       "torch_threads": args.threads},
+                       "torch_threads": args.threads, "keep_last": args.keep_last},
             "checkpoint_mb": _checkpoint_mb(server, "sync-0"),
             "step_s": step_s,
             "runs": runs,
@@ -141,7 +156,8 @@ def main() -> None:
     for mode in ("sync", "async"):
         s = result[mode]
         wall = f", wall {s['wall_s_per_checkpoint']:.3f}s" if "wall_s_per_checkpoint" in s else ""
-        print(f"{mode}: stall {s['stall_s_per_checkpoint']:.3f}s per checkpoint{wall}")
+        print(f"{mode}: stall {s['stall_s_per_checkpoint']:.3f}s per checkpoint{wall}, "
+              f"{s['retention_deletions_per_run']:g} retention deletions per run")
     print(f"async_stall_vs_step: {result['async_stall_vs_step']:.4f}")
     print(f"async_vs_sync_stall: {result['async_vs_sync_stall']:.3f}")
 

@@ -157,7 +157,7 @@ def main() -> None:
         ray.init(num_cpus=max(4, threads), include_dashboard=False, log_to_driver=False)
         try:
             start_guardian(cfg)
-            rank0 = ray.remote(num_cpus=1)(Rank0).remote(to_dict(cfg), threads)
+            rank0 = ray.remote(num_cpus=1)(Rank0).remote(to_dict(cfg, reveal_secrets=True), threads)
             raw = ray.get(rank0.run.remote(args.steps + 3, args.calls))
             stop_guardian(cfg.run.name)
         finally:

@@ -56,8 +56,8 @@ def main() -> None:
         s3 = server.s3_config()
         for r in range(args.rounds):
             cfg = micro_config(dataset, server.url("recovery"), name=f"crash-{r}", steps=args.steps, extra=[
-                f"checkpoint.s3.endpoint_url={s3.endpoint_url}", f"checkpoint.s3.access_key_id={s3.access_key_id}",
-                f"checkpoint.s3.secret_access_key={s3.secret_access_key}",
+                f"checkpoint.s3.endpoint_url={s3.endpoint_url}", f"checkpoint.s3.access_key_id={server.access_key}",
+                f"checkpoint.s3.secret_access_key={server.secret_key}",
                 "parallel.min_workers=2", "parallel.max_workers=2", f"checkpoint.every_steps={args.every}",
                 f"faults=[{{step: {args.crash_at}, kind: crash, rank: 1}}]",
             ])

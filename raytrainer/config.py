@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    SerializationInfo,
+    ValidationError,
+    model_validator,
+)
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -22,6 +31,68 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- secrets
+#
+# A credential field is typed `Secret(...)`: a pydantic SecretStr (so repr/str never show it) whose JSON
+# form is a redaction note unless the dump is asked to reveal it. Everything that persists or prints a
+# config goes through `to_dict`, so the type alone decides what never leaves memory.
+
+REDACTED = "***"
+REVEAL_SECRETS = "reveal_secrets"  # serialization context key
+
+
+def _secret_serializer(hint: str):
+    def dump(value: SecretStr, info: SerializationInfo) -> str:
+        if (info.context or {}).get(REVEAL_SECRETS):
+            return value.get_secret_value()
+        return f"{REDACTED} (from --set/config; give it via {hint})"
+
+    return PlainSerializer(dump, return_type=str, when_used="always")
+
+
+def Secret(hint: str) -> Any:  # noqa: N802 - reads as a type in annotations
+    """A credential field; `hint` says where a resumed or redacted run should take the real value from."""
+    return Annotated[SecretStr, _secret_serializer(hint)]
+
+
+def is_redacted(value: str | SecretStr | None) -> bool:
+    """True for the note `to_dict` writes in place of a secret (so it is never mistaken for a key)."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    return isinstance(value, str) and value.startswith(REDACTED)
+
+
+def reveal(value: str | SecretStr | None) -> str | None:
+    """The plain value of a credential field (plain strings pass: `model_copy(update=...)` skips validation)."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    return value
+
+
+def _is_secret_annotation(annotation: Any) -> bool:
+    return annotation is SecretStr or any(_is_secret_annotation(a) for a in get_args(annotation))
+
+
+def _section_types(annotation: Any) -> list[type[BaseModel]]:
+    found = [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+    for arg in get_args(annotation):
+        found += _section_types(arg)
+    return found
+
+
+def secret_paths(model: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
+    """Dotted paths of every credential field, e.g. {"checkpoint.s3.secret_access_key", ...}."""
+    model = model or Config
+    paths: set[str] = set()
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        if _is_secret_annotation(field.annotation):
+            paths.add(path)
+        for sub in _section_types(field.annotation):
+            paths |= secret_paths(sub, f"{path}.")
+    return paths
 
 
 # --------------------------------------------------------------------------- model
@@ -149,13 +220,27 @@ class TrainConfig(Section):
 # --------------------------------------------------------------------------- data
 
 
+_AccessKeyId = Secret("s3.credentials_file or AWS_ACCESS_KEY_ID")
+_SecretAccessKey = Secret("s3.credentials_file or AWS_SECRET_ACCESS_KEY")
+
+
 class S3Config(Section):
-    """Where object storage lives. Unset fields fall back to the standard AWS environment/credential chain."""
+    """Where object storage lives. Unset fields fall back to the standard AWS environment/credential chain.
+
+    Keys are best left out of the config: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in
+    the environment, or `credentials_file`, keep them out of job entrypoints and shell history. The key id
+    is not a secret in AWS's model, but it is typed secret too: it names the principal the secret unlocks,
+    a half-redacted pair is an easier rule to get wrong, and `describe()` still shows its first characters.
+    """
 
     endpoint_url: str | None = None
     region: str | None = None
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
+    access_key_id: _AccessKeyId | None = None
+    secret_access_key: _SecretAccessKey | None = None
+    # An AWS-style INI credentials file (`[profile]` with aws_access_key_id / aws_secret_access_key), read
+    # where storage is opened, so it must exist at this path on every node. Used when the keys above are unset.
+    credentials_file: str | None = None
+    credentials_profile: str = "default"
 
 
 class Phase(Section):
@@ -366,10 +451,15 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _redact_override(item: str, secrets: set[str]) -> str:
+    key = item.split("=", 1)[0]
+    return f"{key}={REDACTED}" if key.strip() in secrets else item
+
+
 def apply_override(raw: dict, dotted: str, value: Any) -> None:
     node = raw
     keys = dotted.split(".")
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys[:-1]):
         if isinstance(node, list):
             node = node[int(key)]
             continue
@@ -377,7 +467,8 @@ def apply_override(raw: dict, dotted: str, value: Any) -> None:
         if child is None:
             child = node[key] = {}
         if not isinstance(child, dict | list):
-            raise ConfigError(f"--set {dotted}: '{key}' is a value ({child!r}), not a section")
+            shown = REDACTED if ".".join(keys[: depth + 1]) in secret_paths() else repr(child)
+            raise ConfigError(f"--set {dotted}: '{key}' is a value ({shown}), not a section")
         node = child
     last = keys[-1]
     if isinstance(node, list):
@@ -388,10 +479,13 @@ def apply_override(raw: dict, dotted: str, value: Any) -> None:
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
+    secrets = secret_paths()
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if key in secrets:
+            lines.append(f"  {key}: {msg} (value not shown: it is a credential)")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check the spelling; see raytrainer/config.py for valid keys)")
         elif "input" in e and e["type"] != "value_error" and not isinstance(e["input"], dict):
             lines.append(f"  {key} = {e['input']!r}: {msg}")
@@ -425,18 +519,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{file}: not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{file}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    secrets = secret_paths()
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=3e-4")
+            raise ConfigError(f"--set {_redact_override(item, secrets)!r}: expected key=value, "
+                              "e.g. --set optim.lr=3e-4")
         key, text = item.split("=", 1)
-        apply_override(raw, key.strip(), _parse_value(text))
+        # A key is text as typed: YAML would turn 0123 or 1e5 into a number and change the secret.
+        apply_override(raw, key.strip(), text if key.strip() in secrets else _parse_value(text))
     if overrides:
-        source += " + --set " + " ".join(overrides)
+        source += " + --set " + " ".join(_redact_override(item, secrets) for item in overrides)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
 
 
-def to_dict(cfg: Config) -> dict:
-    return cfg.model_dump(mode="json")
+def to_dict(cfg: BaseModel, reveal_secrets: bool = False) -> dict:
+    """The config as JSON-ready data, credentials redacted: for everything persisted or printed.
+
+    `reveal_secrets=True` is only for in-memory hand-overs to this run's own processes; `Config.model_validate`
+    of that dict gives back the same secrets."""
+    return cfg.model_dump(mode="json", context={REVEAL_SECRETS: reveal_secrets})
+
+
+def secret_values(cfg: Config) -> dict[str, str]:
+    """The credentials that are set, by dotted path: what `with_secrets` puts back into a redacted dict."""
+    values = {}
+    for path in sorted(secret_paths()):
+        node: Any = cfg
+        for key in path.split("."):
+            node = getattr(node, key, None)
+        if node is not None:
+            values[path] = reveal(node)
+    return values
+
+
+def with_secrets(data: dict, values: dict[str, str]) -> dict:
+    """A copy of `to_dict` output with the given credentials in place of their redaction notes."""
+    out = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain JSON data
+    for path, value in values.items():
+        apply_override(out, path, value)
+    return out

@@ -8,11 +8,15 @@ guardian abort ends fit() without a restart and run() raises GuardianAbort with 
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 from typing import Any
 
-from raytrainer.config import Config, ConfigError, to_dict
+from pydantic import SecretStr
+
+from raytrainer.config import Config, ConfigError, secret_values, to_dict
 
 log = logging.getLogger("raytrainer.launch")
 
@@ -120,7 +124,9 @@ def build_torch_trainer(cfg: Config, storage_path: str, storage_filesystem: Any)
     # Elastic runs are sized from the nodes alive at each restart, so an abruptly lost node costs seconds,
     # not a start timeout; a fixed-size run gets Ray's own policy.
     trainer = NodeLossAwareTorchTrainer(
-        train_fn,
+        # Ray Train records train_loop_config in its run state (dashboard, export events), so that copy is
+        # redacted; the workers get the real keys bound to the function, which is only pickled to them.
+        functools.partial(train_fn, secrets=SecretStr(json.dumps(secret_values(cfg)))),
         train_loop_config={"config": to_dict(cfg)},
         scaling_config=scaling,
         run_config=run_config,

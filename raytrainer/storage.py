@@ -20,14 +20,16 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from configparser import ConfigParser
+from configparser import Error as IniError
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from raytrainer.config import S3Config
+from raytrainer.config import S3Config, is_redacted, reveal
 
 CHUNK_BYTES = 8 * 1024 * 1024
 RANGE_BYTES = 16 * 1024 * 1024  # one ranged GET when fetching a big object in parallel
@@ -53,8 +55,8 @@ class S3Settings:
 
     endpoint_url: str | None  # full URL, e.g. http://127.0.0.1:8333; None = AWS
     region: str | None
-    access_key_id: str | None  # None = AWS credential chain
-    secret_access_key: str | None
+    access_key_id: str | None = field(repr=False)  # None = AWS credential chain
+    secret_access_key: str | None = field(repr=False)
 
     @property
     def endpoint_host(self) -> str | None:
@@ -89,12 +91,60 @@ def resolve_s3_settings(s3cfg: S3Config | None) -> S3Settings:
     region = s3cfg.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if region is None and endpoint:
         region = "us-east-1"  # S3-compatible servers ignore it, but signing needs one
-    if bool(s3cfg.access_key_id) != bool(s3cfg.secret_access_key):
-        raise StorageError(
-            "s3.access_key_id and s3.secret_access_key must be set together (or both left unset to use the "
-            "AWS credential chain)", "config"
-        )
-    return S3Settings(endpoint or None, region, s3cfg.access_key_id, s3cfg.secret_access_key)
+    key_id, secret = _resolve_keys(s3cfg)
+    return S3Settings(endpoint or None, region, key_id, secret)
+
+
+_ENV_NAMES = {"access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY"}
+
+
+def _resolve_keys(s3cfg: S3Config) -> tuple[str | None, str | None]:
+    """The key pair: from the config, else `credentials_file`, else (None, None) for the AWS chain.
+
+    A redacted value (a config read back from a checkpoint) counts as unset and is filled from the
+    environment, so a resumed run takes its keys from where it runs now, never from the checkpoint."""
+    keys = {name: reveal(getattr(s3cfg, name)) for name in _ENV_NAMES}
+    redacted = {name for name, value in keys.items() if is_redacted(value)}
+    keys = {name: (None if name in redacted else value) or None for name, value in keys.items()}
+    if not any(keys.values()) and not redacted and s3cfg.credentials_file:
+        keys = _read_credentials_file(s3cfg.credentials_file, s3cfg.credentials_profile)
+    if any(keys.values()) or redacted:
+        for name, env in _ENV_NAMES.items():
+            keys[name] = keys[name] or os.environ.get(env) or None
+        missing = [name for name, value in keys.items() if not value]
+        if missing:
+            why = " (the config holds a redacted value)" if redacted & set(missing) else ""
+            raise StorageError(
+                f"s3.{missing[0]} is missing{why}: s3.access_key_id and s3.secret_access_key must be set "
+                f"together; give s3.{missing[0]} in s3.credentials_file or {_ENV_NAMES[missing[0]]}, or "
+                "leave both unset to use the AWS credential chain", "config"
+            )
+    return keys["access_key_id"], keys["secret_access_key"]
+
+
+def _read_credentials_file(path: str, profile: str) -> dict[str, str | None]:
+    # The AWS CLI's format, so the file `aws configure` writes works as is.
+    parser = ConfigParser()
+    try:
+        with open(os.path.expanduser(path)) as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise StorageError(f"s3.credentials_file {path}: cannot be read ({e.strerror}); it must exist on "
+                           "every node that opens storage", "config") from None
+    except IniError:
+        raise StorageError(f"s3.credentials_file {path}: not an INI file like ~/.aws/credentials "
+                           "([default] with aws_access_key_id = ... and aws_secret_access_key = ...)",
+                           "config") from None
+    if not parser.has_section(profile):
+        raise StorageError(f"s3.credentials_file {path}: no [{profile}] section (set s3.credentials_profile; "
+                           f"sections: {parser.sections()})", "config")
+    section = parser[profile]
+    keys = {"access_key_id": section.get("aws_access_key_id"),
+            "secret_access_key": section.get("aws_secret_access_key")}
+    for name, value in keys.items():
+        if not value:
+            raise StorageError(f"s3.credentials_file {path}: [{profile}] has no aws_{name}", "config")
+    return keys
 
 
 def _mask(key: str | None) -> str:
@@ -511,8 +561,8 @@ def preflight(url: str, s3cfg: S3Config | None = None, timeout_s: float = PREFLI
             reason += f" {storage.root.split('/', 1)[0]!r}"
         hint = {
             "no_bucket": "create the bucket first or fix the bucket name in the URL",
-            "credentials": "check s3.access_key_id / s3.secret_access_key (or AWS_ACCESS_KEY_ID / "
-                           "AWS_SECRET_ACCESS_KEY / AWS_PROFILE)",
+            "credentials": "check s3.credentials_file or s3.access_key_id / s3.secret_access_key (or "
+                           "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)",
             "unreachable": "check s3.endpoint_url (or AWS_ENDPOINT_URL), and that the server is running",
         }.get(kind, "")
         message = f"storage {where} is not usable: {reason}"

@@ -246,10 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"secret key:    {server.secret_key}")
     print(f"bucket:        s3://{server.bucket}")
     print("use it with:")
+    print(f"  export AWS_ACCESS_KEY_ID={server.access_key} AWS_SECRET_ACCESS_KEY={server.secret_key}")
     print(f"  --set checkpoint.storage=s3://{server.bucket}/runs"
-          f" --set checkpoint.s3.endpoint_url={server.endpoint_url}"
-          f" --set checkpoint.s3.access_key_id={server.access_key}"
-          f" --set checkpoint.s3.secret_access_key={server.secret_key}")
+          f" --set checkpoint.s3.endpoint_url={server.endpoint_url}")
     print(f"(pid {server.pid}, log {server.log_path}; Ctrl+C stops it)", flush=True)
     stopping = False
 

@@ -249,14 +249,37 @@ class CheckpointManager:
         return None
 
     def load(self, step: int, engine: Any) -> TrainerState:
-        """This rank's part of checkpoint `step` into `engine`; raises CheckpointError when it cannot."""
+        """This rank's part of checkpoint `step` into `engine`; raises CheckpointError when it cannot.
+
+        A rank downloads the trainer state, its RNG file and the model files its engine says its load reads
+        (an engine that cannot say gets every file): at the same world size that is the metadata and its
+        own shards, so N ranks together pull about one copy of the checkpoint rather than N."""
         local = self.staging / f"load-{step:08d}-{uuid.uuid4().hex[:8]}"
+        rng_name = f"rng/rank-{self.env.rank:05d}.json"
+        choose = getattr(engine, "checkpoint_files", None)
         try:
-            loaded = self.store.download(step, local)
+            if choose is None:
+                loaded = self.store.download(step, local)
+                fetched = len(loaded.files)
+            else:
+                # First what says which model files this rank needs (DCP's metadata), then those files.
+                first = {STATE_FILE, rng_name} | {f"{MODEL_DIR}/{n}" for n in engine.checkpoint_index_files}
+                loaded = self.store.download(step, local, select=first.__contains__)
+                committed = {rel for record in loaded.records.values() for rel in record.files}
+                names = sorted(rel[len(MODEL_DIR) + 1:] for rel in committed if rel.startswith(MODEL_DIR + "/"))
+                needed = {f"{MODEL_DIR}/{n}" for n in choose(local / MODEL_DIR, names, loaded.world_size)}
+                if needed - committed:
+                    raise CheckpointCorrupt(
+                        f"checkpoint step {step} at {self.store.step_url(step)}: rank {self.env.rank}'s load "
+                        f"reads {sorted(needed - committed)[:5]}, which no rank committed")
+                rest = needed - set(loaded.files)
+                if rest:
+                    self.store.download(step, local, select=rest.__contains__)
+                fetched = len(set(loaded.files) | needed)
             state = TrainerState(**json.loads((loaded.local_dir / STATE_FILE).read_text()))
             engine.load_checkpoint(loaded.local_dir / MODEL_DIR, saved_world_size=loaded.world_size)
             engine.load_state_dict(state.engine)
-            rng_file = loaded.local_dir / "rng" / f"rank-{self.env.rank:05d}.json"
+            rng_file = loaded.local_dir / rng_name
             if rng_file.exists() and loaded.world_size == self.env.world_size:
                 set_rng_state(json.loads(rng_file.read_text()))
             else:  # a different world size: no RNG stream maps one to one, so derive a fresh one
@@ -264,8 +287,9 @@ class CheckpointManager:
         finally:
             shutil.rmtree(local, ignore_errors=True)
         if self.rank0:
-            log.info("loaded checkpoint step %d (saved on %d ranks, now %d) from %s",
-                     step, loaded.world_size, self.env.world_size, loaded.location)
+            total = len({rel for record in loaded.records.values() for rel in record.files})
+            log.info("loaded checkpoint step %d (saved on %d ranks, now %d) from %s; rank 0 fetched %d of "
+                     "its %d files", step, loaded.world_size, self.env.world_size, loaded.location, fetched, total)
         return state
 
 

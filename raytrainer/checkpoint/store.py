@@ -256,9 +256,10 @@ class CheckpointStore:
                  include: Iterable[str] = (), select: Callable[[str], bool] | None = None) -> LoadedCheckpoint:
         """Fetch a complete checkpoint into local_dir, checking every sha256 on the way.
 
-        rank=None fetches every file; rank=r fetches the files rank r committed plus those matching any
-        `include` glob (e.g. ".metadata" or "*.json") or accepted by `select`. The primary is tried first;
-        the mirror is used when the primary copy is incomplete, unreadable or corrupt."""
+        With neither rank, include nor select, every file; otherwise the files rank r committed (with
+        rank=r) plus those matching any `include` glob (e.g. ".metadata" or "*.json") or accepted by
+        `select`. The primary is tried first; the mirror is used when the primary copy is incomplete,
+        unreadable or corrupt."""
         local_dir = Path(local_dir)
         include = list(include)
         errors = []
@@ -282,10 +283,10 @@ class CheckpointStore:
     def _fetch(self, where: str, storage: Storage, state: StepState, local_dir: Path, rank: int | None,
                include: list[str], select: Callable[[str], bool] | None) -> LoadedCheckpoint:
         files = state.files()
-        if rank is not None:
-            if rank not in state.records:
+        if rank is not None or include or select is not None:
+            if rank is not None and rank not in state.records:
                 raise CheckpointError(f"rank={rank} is outside the checkpoint's world_size {state.world_size}")
-            wanted = set(state.records[rank].files) | {
+            wanted = set(state.records[rank].files if rank is not None else ()) | {
                 r for r in files if any(fnmatch(r, p) for p in include) or (select is not None and select(r))
             }
             files = {r: e for r, e in files.items() if r in wanted}

@@ -193,6 +193,9 @@ class GuardianClient:
     def checkpoints_exist(self, steps: list[int]) -> None:
         self._call("checkpoints_exist", steps)
 
+    def rollback_target(self) -> int | None:
+        return self._call("rollback_target")
+
     def rollback_fell_back(self, intended: int, actual: int, reason: str) -> None:
         self._call("rollback_fell_back", intended, actual, reason)
 

@@ -16,39 +16,29 @@ computes the norm inside `engine.step()`, together with the update, so the step 
   alone, and the engine counts a skipped step. The loss scale changes only if the gradients really
   overflowed (fp16).
 
-Checkpoints: `engine.save_checkpoint` (each rank writes its own files; with the universal-checkpoint info
-DeepSpeed needs to convert stage 1/2 checkpoints). At the same world size `engine.load_checkpoint`; at
-another, every rank converts its local copy with `ds_to_universal` and loads it with `load_universal`.
-DeepSpeed writes its files with torch.save and reads them with `weights_only=False`; here every read runs
-with weights-only unpickling forced on, allowing only the few DeepSpeed classes its files contain. What
-the step engine adds (the EMA) goes into a safetensors file.
+Checkpoints are DeepSpeed's own files, written and read by raytrainer.checkpoint.deepspeed_io: each rank
+writes its partitions, a load at the same world size reads only this rank's, and a load at another world
+size goes through a universal checkpoint. What the step engine adds (the EMA) goes into a safetensors file.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import io
 import logging
 import math
 import os
-import shutil
-import uuid
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from raytrainer.checkpoint import deepspeed_io
 from raytrainer.config import Config
 from raytrainer.train.strategy import Strategy
 
 log = logging.getLogger("raytrainer.train")
-
-TAG = "zero"  # one checkpoint per directory: its files live under <directory>/zero/
-EXTRA_FILE = "extra.safetensors"  # what the engine saves alongside the model (the EMA), written by rank 0
-UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 
 
 def deepspeed_config(cfg: Config, device: torch.device) -> dict:
@@ -98,6 +88,7 @@ def deepspeed_config(cfg: Config, device: torch.device) -> dict:
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     owns_step = True  # DeepSpeed scales the fp16 loss, unscales, clips and steps itself
+    checkpoint_index_files = ()  # which files a rank loads follows from their names alone
 
     def __init__(self, cfg: Config, module: nn.Module, rank: int = 0, world_size: int = 1,
                  device: torch.device | None = None):
@@ -230,120 +221,15 @@ class DeepSpeedStrategy(Strategy):
         return None  # DeepSpeed writes its own files (and runs its own collectives) inside save()
 
     def save(self, directory: Path, extra: dict | None = None) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.engine.save_checkpoint(str(directory), tag=TAG, client_state=UNIVERSAL_INFO)
-        if extra and self.rank == 0:
-            save_file(_flatten(extra), str(directory / EXTRA_FILE))
+        deepspeed_io.save(self.engine, directory, self.rank, extra)
+
+    def files_for_rank(self, directory: Path, names: Collection[str], saved_world_size: int,
+                       extra: dict | None = None) -> set[str]:
+        return deepspeed_io.files_for_rank(names, self.rank, saved_world_size, self.world_size)
 
     def load(self, directory: Path, saved_world_size: int, extra: dict | None = None) -> None:
-        directory = Path(directory)
-        if not (directory / TAG).is_dir():
-            raise FileNotFoundError(f"{directory / TAG}: no DeepSpeed checkpoint here (expected the files "
-                                    "DeepSpeedStrategy.save writes)")
-        with weights_only_loads():
-            if saved_world_size == self.world_size:
-                path, _ = self.engine.load_checkpoint(str(directory), tag=TAG, load_lr_scheduler_states=False)
-            else:
-                path = self._load_universal(directory, saved_world_size)
-            if path is None:
-                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
-            if extra:
-                extra_file = directory / EXTRA_FILE
-                if not extra_file.exists():
-                    raise FileNotFoundError(f"{extra_file}: the checkpoint holds no {sorted(extra)} (it was "
-                                            "saved without them, e.g. before train.ema_decay was set)")
-                saved = _unflatten(load_file(str(extra_file)))
-                for key in extra:
-                    extra[key] = saved[key]
+        deepspeed_io.load(self.engine, directory, saved_world_size, self.world_size, self.rank, extra)
         self._pending = self._reduced = self._overflowed = False
-
-    def _load_universal(self, directory: Path, saved_world_size: int) -> str | None:
-        from deepspeed.checkpoint import ds_to_universal
-
-        # Each rank converts its own copy: ranks need not share a filesystem. The converted files go to a
-        # scratch directory, so the checkpoint directory stays as it was saved.
-        scratch = directory / f".universal-{self.rank:05d}-{uuid.uuid4().hex[:8]}"
-        args = argparse.Namespace(input_folder=str(directory / TAG), output_folder=str(scratch / TAG),
-                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                  strict=True, inject_missing_state=False)
-        config = self.engine._config
-        try:
-            with contextlib.redirect_stdout(io.StringIO()) as progress:
-                ds_to_universal.main(args)
-            log.debug("ds_to_universal: %s", progress.getvalue())
-            config.load_universal_checkpoint = True
-            path, _ = self.engine.load_checkpoint(str(scratch), tag=TAG, load_lr_scheduler_states=False)
-            if self.stage == 3:
-                self._repair_stage3_universal_load(scratch / TAG / "zero" / "optimizer_state.pt")
-        finally:
-            config.load_universal_checkpoint = False
-            shutil.rmtree(scratch, ignore_errors=True)
-        log.info("rank %d: loaded a ZeRO-%d checkpoint of %d ranks on %d through a universal checkpoint",
-                 self.rank, self.stage, saved_world_size, self.world_size)
-        return path
-
-    def _repair_stage3_universal_load(self, optimizer_state_file: Path) -> None:
-        """deepspeed 0.19.8's ZeRO-3 universal load gives every param group the hyperparameters of the first
-        (so no-decay groups would get weight decay) and one shared `step` tensor to every group (so AdamW's
-        in-place increments advance it once per group). Put back per-group values and separate steps."""
-        saved = torch.load(optimizer_state_file, map_location="cpu", weights_only=True)
-        saved_groups = saved["optimizer_state_dict"]["param_groups"]
-        for group, saved_group in zip(self.optimizer.param_groups, saved_groups, strict=True):
-            group.update({k: v for k, v in saved_group.items() if k != "params"})
-        for state in self.optimizer.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-
-
-def load_full_state_dict(directory: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """The whole model's fp32 weights (or its EMA) from a DeepSpeedStrategy checkpoint, in one process."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    directory = Path(directory)
-    with weights_only_loads():
-        if use_ema:
-            extra_file = directory / EXTRA_FILE
-            if not extra_file.exists():
-                raise FileNotFoundError(f"{extra_file}: this checkpoint holds no EMA "
-                                        "(train.ema_decay was unset)")
-            return _unflatten(load_file(str(extra_file)))["ema"]
-        with contextlib.redirect_stdout(io.StringIO()):
-            return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG))
-
-
-def _flatten(extra: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {f"{key}/{name}": t.detach().contiguous().cpu() for key, tensors in extra.items()
-            for name, t in tensors.items()}
-
-
-def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for path, t in flat.items():
-        key, name = path.split("/", 1)
-        out.setdefault(key, {})[name] = t
-    return out
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Every torch.load inside (DeepSpeed's included, which pass weights_only=False) unpickles only
-    tensors, containers and the DeepSpeed classes its checkpoint files are known to hold."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # read by torch.load on every call
-    try:
-        allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-        with torch.serialization.safe_globals(allowed):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,6 +213,17 @@ class StepEngine:
         """Like save_checkpoint, but only copies the state now and returns the function that writes it
         (None where the strategy cannot stage; then call save_checkpoint)."""
         return self.strategy.stage_save(Path(directory), extra=self._checkpoint_extra())
+
+    @property
+    def checkpoint_index_files(self) -> tuple[str, ...]:
+        """What a rank reads of a checkpoint's model directory before it can say what else it needs."""
+        return tuple(self.strategy.checkpoint_index_files)
+
+    def checkpoint_files(self, directory: Path, names: Collection[str], saved_world_size: int) -> set[str]:
+        """The files of a checkpoint's model directory (all of them are `names`) that load_checkpoint reads
+        on this rank; `directory` need hold only checkpoint_index_files."""
+        return self.strategy.files_for_rank(Path(directory), names, saved_world_size,
+                                            extra=self._checkpoint_extra())
 
     def load_checkpoint(self, directory: Path, saved_world_size: int) -> None:
         extra = self._checkpoint_extra()

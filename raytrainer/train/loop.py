@@ -38,6 +38,7 @@ class Guardian(Protocol):
     def on_checkpoint_staged(self, step: int) -> None: ...
     def on_checkpoint(self, step: int) -> None: ...
     def checkpoints_exist(self, steps: list[int]) -> None: ...
+    def rollback_target(self) -> int | None: ...
     def rollback_fell_back(self, intended: int, actual: int, reason: str) -> None: ...
     def skipped_ranges(self) -> list[tuple[int, int]]: ...
     def state_dict(self) -> dict: ...
@@ -64,6 +65,9 @@ class NoGuardian:
 
     def checkpoints_exist(self, steps: list[int]) -> None:
         pass
+
+    def rollback_target(self) -> int | None:
+        return None
 
     def rollback_fell_back(self, intended: int, actual: int, reason: str) -> None:
         pass
@@ -189,6 +193,8 @@ class Trainer:
         committed = self.checkpoints.committed()
         for step in committed:
             self.guardian.on_checkpoint(step)
+        if committed:  # a newer checkpoint may now be the target: ask, so retention can let the old pin go
+            self._pin = self.guardian.rollback_target()
         if committed or self._pin is not None:
             if self.checkpoints.retain(self._pin):
                 self.guardian.checkpoints_exist(self.checkpoints.complete_steps())

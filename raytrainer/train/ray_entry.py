@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 
 import torch
 import torch.distributed as dist
+from pydantic import SecretStr
 
 from raytrainer.checkpoint.manager import all_ranks_agree, run_store
 from raytrainer.checkpoint.ray_pointers import read_pointer, registered_dir_name, write_pointer
-from raytrainer.config import Config
+from raytrainer.config import Config, with_secrets
 from raytrainer.train.loop import NoGuardian, Trainer, WorkerEnv, set_worker_threads
 
 log = logging.getLogger("raytrainer.train")
@@ -57,12 +59,14 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
     )
 
 
-def train_fn(loop_config: dict) -> None:
-    """Ray Train `train_loop_per_worker`."""
+def train_fn(loop_config: dict, secrets: SecretStr | None = None) -> None:
+    """Ray Train `train_loop_per_worker`. `loop_config["config"]` is the redacted config; `secrets` (JSON of
+    `secret_values`, bound by the driver) puts the credentials back."""
     import ray.train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = Config.model_validate(loop_config["config"])
+    values = json.loads(secrets.get_secret_value()) if secrets is not None else {}
+    cfg = Config.model_validate(with_secrets(loop_config["config"], values))
     ctx = ray.train.get_context()
     set_worker_threads(cfg, ctx.get_local_world_size())
     device = torch.device("cuda", ctx.get_local_rank()) if cfg.parallel.use_gpu else torch.device("cpu")

@@ -57,7 +57,7 @@ def load_full_state_dict(cfg: Config, model: nn.Module, directory: str | Path, u
     from raytrainer.train.strategy import load_dcp_model_state
 
     if cfg.parallel.strategy == "deepspeed":
-        from raytrainer.train.deepspeed_strategy import load_full_state_dict as load_deepspeed
+        from raytrainer.checkpoint.deepspeed_io import load_full_state_dict as load_deepspeed
 
         state = load_deepspeed(directory, use_ema=use_ema)
         return _with_parameters(model, state) if use_ema else state

@@ -9,6 +9,8 @@
     strategy.optimizer_step(); strategy.zero_grad()
     strategy.all_reduce_sum(x)       a float summed over ranks
     strategy.save(dir, extra) / strategy.load(dir, saved_world_size, extra)
+    strategy.files_for_rank(dir, names, saved_world_size, extra)   the files load reads on this rank, once
+                                     strategy.checkpoint_index_files are in dir
     write = strategy.stage_save(dir, extra); ...; write()   a save whose writing happens later (async checkpoints)
 
 SingleProcess and DDP live here; FSDP2 (fsdp.py) and DeepSpeed ZeRO (deepspeed_strategy.py) implement
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -50,6 +52,8 @@ def default_backend(device: torch.device) -> str:
 class Strategy:
     name = "single"
     owns_step = False  # True where the library scales, unscales and steps itself (DeepSpeed)
+    # What a rank reads of a checkpoint before it can say which other files its load needs
+    checkpoint_index_files: tuple[str, ...] = (dcp_io.METADATA_FILE,)
     _ckpt_group: dist.ProcessGroup | None = None  # made by the first staged save on more than one rank
 
     def __init__(self, cfg: Config, module: nn.Module, rank: int = 0, world_size: int = 1,
@@ -149,8 +153,17 @@ class Strategy:
             self._ckpt_group = dist.new_group(backend="gloo")  # collective: every rank is here together
         return self._ckpt_group
 
+    def files_for_rank(self, directory: Path, names: Collection[str], saved_world_size: int,
+                       extra: dict | None = None) -> set[str]:
+        """The files of the checkpoint in `directory` (named relative to it; `names` are all it has) that
+        load() reads on this rank: the DCP metadata and the files holding a chunk of this rank's state. Only
+        `checkpoint_index_files` need be in `directory` yet."""
+        metadata = dcp_io.read_metadata(directory)
+        return {dcp_io.METADATA_FILE} | dcp_io.files_for_state(metadata, self._checkpoint_state(extra))
+
     def load(self, directory: Path, saved_world_size: int, extra: dict | None = None) -> None:
-        """Load what save wrote, at any world size; `extra`'s tensors are filled in place."""
+        """Load what save wrote, at any world size; `extra`'s tensors are filled in place. `directory`
+        needs only the files that files_for_rank names."""
         state = self._checkpoint_state(extra)
         dcp_io.load(state, directory)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
