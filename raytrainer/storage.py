@@ -327,6 +327,12 @@ class Storage:
     def listdir(self, rel: str = "") -> list[str]:
         """Names directly under rel (files and directories), sorted; [] when it does not exist."""
         base = self.path(rel)
+        if self.is_local:
+            # Names only: pyarrow's local selector stats every entry, which grows with a run's step count.
+            try:
+                return sorted(os.listdir(base))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
         infos = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=False))
         return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
 
