@@ -2,7 +2,8 @@
 
 `spawn(job, world_size, tmp_path, *args)` runs `job(rank, world_size, out_dir, *args)` in `world_size`
 fresh processes that share a gloo process group; jobs must be module-level functions, and pass results
-back as files in out_dir (`save_result` / `load_result`).
+back as files in out_dir (`save_result` / `load_result`). A rank whose job returned ends without finalizing
+its interpreter (see `_exit_without_finalizing`): what a job leaves behind must be written by then.
 
 The data is a deterministic global batch per step, split over ranks the way the data feed does it:
 contiguous rows per rank, micro-batches of at most train.micro_batch_size rows, and all-ignored padding
@@ -11,10 +12,14 @@ micro-batches for ranks whose share is short, so every rank takes cfg.accumulati
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
+import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -91,6 +96,30 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, job, args: tupl
         job(rank, world_size, Path(out_dir), *args)
     finally:
         dist.destroy_process_group()
+    # A job that raised never gets here: torch.multiprocessing writes its traceback for the parent, which
+    # reports it however this process then ends.
+    _exit_without_finalizing()
+
+
+def _exit_without_finalizing() -> NoReturn:
+    """End a rank whose job is done the way a forked multiprocessing child ends: non-daemon threads joined,
+    logs and streams flushed, then os._exit(0), so the interpreter is never finalized.
+
+    destroy_process_group() only unregisters the gloo groups. The ones still referenced (DeepSpeed's
+    deepspeed.utils.groups and the `_dp_group` of every ZeRO parameter; DDP keeps the default group alive
+    from C++) live on, and so do their worker threads. Such a thread drops a finished collective's work,
+    and with it the work's tensors; where Python released a tensor first, freeing it takes the GIL. A
+    thread that asks for the GIL while Python 3.11 finalizes is ended with pthread_exit, whose forced
+    unwinding stops at the noexcept destructor it runs in: std::terminate ("terminate called without an
+    active exception") and SIGABRT, though the job had succeeded. Without finalization nothing asks."""
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()  # what interpreter shutdown would wait for
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(job, world_size: int, out_dir: Path, *args) -> None:
