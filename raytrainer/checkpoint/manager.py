@@ -107,6 +107,10 @@ class CheckpointManager:
             state.strategy = self.cfg.parallel.strategy
             state.config = to_dict(self.cfg)
             (local / STATE_FILE).write_text(json.dumps(asdict(state), default=_json_default))
+        if self.rank0 and state.step in self.store.step_numbers() and state.step not in self._complete:
+            # A leftover of this step (passed over on resume, or torn) must not mix with the new save; the
+            # other ranks upload only after the broadcast below.
+            self.store.delete(state.step)
         save_id = self.env.broadcast(uuid.uuid4().hex if self.rank0 else None)
         args = (state.step, local, self.env.rank, self.env.world_size, {"final": final}, save_id, True)
         if final:
@@ -219,8 +223,12 @@ class CheckpointManager:
             if passed and latest is not None:
                 log.warning("checkpoints passed over on resume: %s; resuming from step %d instead",
                             " | ".join(p.describe() for p in passed), latest)
-            for leftover in [p.step for p in passed] + [s for s in self.store.step_numbers()
-                                                          if latest is not None and s < latest and s not in complete]:
+            # Passed-over steps stay for the person to look at (marked, so `inspect` says why) until training
+            # saves that step again; torn leftovers older than the newest complete one are just deleted.
+            for p in passed:
+                self.store.mark_damaged(p.step, "passed over on resume: " + "; ".join(p.problems[:3]))
+            for leftover in [s for s in self.store.step_numbers()
+                             if latest is not None and s < latest and s not in complete]:
                 self.housekeeper.delete(leftover)
         candidates = self.env.broadcast(candidates)
         if not candidates:

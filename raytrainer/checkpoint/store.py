@@ -357,7 +357,7 @@ class CheckpointStore:
         for _, storage in self._locations():
             step_dir = storage.child(step_dir_name(step))
             try:
-                if step_dir.listdir(COMMIT_DIR):
+                if step_dir.listdir():
                     step_dir.write_bytes(DAMAGED_FILE, payload)
             except OSError as e:
                 log.warning("cannot mark checkpoint step %d damaged at %s: %s", step, step_dir.url, e)
