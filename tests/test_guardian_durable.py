@@ -225,3 +225,24 @@ def test_a_guardian_actor_killed_mid_run_comes_back_with_its_skipped_ranges(tmp_
     for skipped in (final["skipped"], state["guardian"]["skipped"]):
         assert any(a <= 25 and 29 <= b for a, b in skipped), skipped
         assert any(a <= later[0][1]["skip_range"][0] and later[0][1]["skip_range"][1] <= b for a, b in skipped)
+
+
+def test_every_call_the_client_makes_exists_on_the_actor_and_in_the_loops_protocol():
+    """Rank 0 reaches the actor only by method name: a name missing on either side fails a run at its first
+    checkpoint, far from here."""
+    import inspect
+
+    from raytrainer.fault.guardian_actor import GuardianClient
+    from raytrainer.train.loop import Guardian as GuardianProtocol
+    from raytrainer.train.loop import NoGuardian
+
+    source = inspect.getsource(GuardianClient)
+    called = set(__import__("re").findall(r'self\._call\("(\w+)"', source))
+    assert called, "no actor calls found"
+    for name in called:
+        assert callable(getattr(GuardianActor, name, None)), f"GuardianActor has no {name}()"
+    protocol = {n for n in vars(GuardianProtocol) if not n.startswith("_")}
+    for name in protocol:
+        assert callable(getattr(GuardianClient, name, None)), f"GuardianClient has no {name}()"
+        assert callable(getattr(NoGuardian, name, None)), f"NoGuardian has no {name}()"
+        assert callable(getattr(Guardian, name, None)), f"Guardian has no {name}()"

@@ -92,6 +92,9 @@ class GuardianActor:
         self.guardian.checkpoints_exist(steps)
         self._persist()
 
+    def rollback_target(self) -> int | None:
+        return self.guardian.rollback_target()
+
     def rollback_fell_back(self, intended: int, actual: int, reason: str) -> None:
         self.guardian.rollback_fell_back(intended, actual, reason)
         self._persist_now()
