@@ -86,6 +86,7 @@ class CheckpointManager:
         self._pinned: set[int] = set()
         self._ready: list[int] = []
         self._final: set[int] = set()
+        self._passed_over: set[int] = set()  # newer steps a resume could not use, kept until saved again
         self._unregistered: list[int] = []  # committed, not yet registered with Ray Train
 
     # ------------------------------------------------------------------ save
@@ -107,9 +108,10 @@ class CheckpointManager:
             state.strategy = self.cfg.parallel.strategy
             state.config = to_dict(self.cfg)
             (local / STATE_FILE).write_text(json.dumps(asdict(state), default=_json_default))
-        if self.rank0 and state.step in self.store.step_numbers() and state.step not in self._complete:
-            # A leftover of this step (passed over on resume, or torn) must not mix with the new save; the
-            # other ranks upload only after the broadcast below.
+        if self.rank0 and state.step in self._passed_over:
+            # The damaged leftover of this step must not mix with the new save; the other ranks upload only
+            # after the broadcast below. (No listing here: a storage outage must fail the upload, not the step.)
+            self._passed_over.discard(state.step)
             self.store.delete(state.step)
         save_id = self.env.broadcast(uuid.uuid4().hex if self.rank0 else None)
         args = (state.step, local, self.env.rank, self.env.world_size, {"final": final}, save_id, True)
@@ -227,6 +229,7 @@ class CheckpointManager:
             # saves that step again; torn leftovers older than the newest complete one are just deleted.
             for p in passed:
                 self.store.mark_damaged(p.step, "passed over on resume: " + "; ".join(p.problems[:3]))
+                self._passed_over.add(p.step)
             for leftover in [s for s in self.store.step_numbers()
                              if latest is not None and s < latest and s not in complete]:
                 self.housekeeper.delete(leftover)
