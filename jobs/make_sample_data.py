@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     m = result.manifest
     per_source = ", ".join(f"{k}: {v['docs']} docs / {v['tokens']} tokens" for k, v in m.sources.items())
     print(f"{result.out}: {len(m.shards)} shards, {m.num_docs} documents, {m.num_tokens} tokens "
-          f"({per_source}), {m.chars_per_token:.2f} chars/token, {result.seconds:.1f}s")
+          f"({per_source}), {m.chars_per_token:.2f} chars/token, {result.seconds:.1f}s; held out for validation: "
+          f"{sum(v.num_docs for v in m.validation)} documents, {m.validation_tokens} tokens")
     return 0
 
 

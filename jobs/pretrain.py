@@ -27,10 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="tiny", help="YAML file or preset name (default: tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's own logs and every rank's INFO lines too (same as --set run.verbose=true)")
     args = parser.parse_args(argv)
+    overrides = args.overrides + (["run.verbose=true"] if args.verbose else [])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

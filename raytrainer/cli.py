@@ -25,9 +25,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from raytrainer.report import format_report, run_report
+    from raytrainer.report.document import ReportError, compare_document, write_run_report
+    from raytrainer.storage import open_storage
 
-    report = run_report(args.run, s3=_s3_from_args(args))
+    s3 = _s3_from_args(args)
+    if args.compare:
+        runs = {url.rstrip("/").rsplit("/", 1)[-1]: open_storage(url, s3) for url in args.compare}
+        out = args.out or "reports/" + "-vs-".join(runs)
+        try:
+            written = compare_document(runs).write(open_storage(out, s3))
+        except ReportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print("\n".join(f"wrote {w}" for w in written))
+        return 0
+    if not args.run:
+        print("error: give --run RUN (or --compare RUN_A RUN_B)", file=sys.stderr)
+        return 2
+    report = run_report(args.run, s3=s3)
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+    run = open_storage(args.run, s3)
+    try:
+        if args.out:
+            from raytrainer.report.document import run_document
+
+            written = run_document(run, report["checkpoints"]).write(open_storage(args.out, s3))
+        else:
+            written = write_run_report(run, report["checkpoints"])
+    except ReportError as e:
+        print(f"no plots: {e}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print("\n".join(f"wrote {w}" for w in written))
     return 0
 
 
@@ -82,13 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     for name, func, helptext in (
-        ("report", cmd_report, "checkpoints and guardian events of a run"),
+        ("report", cmd_report, "a run's summary; writes report.md and report.html with plots"),
         ("inspect", cmd_inspect, "one checkpoint: state, files, completeness"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--run", required=True, help="run directory: <checkpoint.storage>/<run.name>")
+        p.add_argument("--run", required=name == "inspect", help="run directory: <checkpoint.storage>/<run.name>")
         p.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// runs (default: AWS)")
         p.add_argument("--json", action="store_true")
+        if name == "report":
+            p.add_argument("--compare", nargs="+", metavar="RUN", default=None,
+                           help="overlay the curves of these runs (writes to --out)")
+            p.add_argument("--out", default=None, help="where report.md, report.html and the plots go "
+                           "(default: <run>/report, or reports/<a>-vs-<b> with --compare)")
         if name == "inspect":
             p.add_argument("--step", type=int, default=None, help="default: the latest complete checkpoint")
             p.add_argument("--verify", action="store_true", help="check every file's sha256")

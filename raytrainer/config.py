@@ -254,6 +254,8 @@ class Phase(Section):
 
 class DataConfig(Section):
     path: str = "data/sample"  # directory (local or s3://) holding manifest.json and the shards
+    # A prepared dataset of held-out text to evaluate on; None: the validation split of `path`'s manifest.
+    val_path: str | None = None
     tokenizer: str = "byte"  # byte | gpt2 | path/to/tokenizer.json
     objective: Literal["clm", "fim", "mlm", "sft"] = "clm"
     fim_rate: float = Field(0.5, ge=0, le=1)
@@ -360,6 +362,35 @@ class FaultInjection(Section):
     once: bool = True  # fire only the first time the step is reached (not again after a rollback)
 
 
+class MlflowConfig(Section):
+    tracking_uri: str | None = None  # None: MLflow's own default (MLFLOW_TRACKING_URI or ./mlruns)
+    experiment: str = "raytrainer"
+
+
+class WandbConfig(Section):
+    project: str
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"
+
+
+class MetricsConfig(Section):
+    """Rank 0 writes every step to <checkpoint.storage>/<run.name>/metrics/ (JSON lines) and tensorboard/."""
+
+    flush_every_s: float = Field(10.0, gt=0)  # the most a killed process loses of what is past its checkpoint
+    tensorboard: bool = True
+    mlflow: MlflowConfig | None = None  # needs `pip install mlflow`
+    wandb: WandbConfig | None = None  # needs `pip install wandb`
+    report: bool = True  # write report.md and report.html into the run's storage when it ends
+
+
+class EvalConfig(Section):
+    """Validation loss on a fixed set of held-out batches, the same at every world size."""
+
+    every_steps: int | None = Field(None, gt=0)  # None: no evaluation during training
+    batches: int = Field(8, gt=0)  # global batches of train.micro_batch_size rows per rank-share
+    rows_per_batch: int | None = Field(None, gt=0)  # None: as many rows as a training global batch
+
+
 class RunConfig(Section):
     name: str = "tiny"
     address: str | None = None  # Ray address; None starts (or joins) a local Ray
@@ -371,6 +402,7 @@ class RunConfig(Section):
     # A run the guardian aborted is not resubmitted as it was: set this (ideally with a lower optim.lr or
     # more schedule.warmup_steps) to clear the abort and allow guardian.max_rollbacks more rollbacks.
     resume_after_abort: bool = False
+    verbose: bool = False  # true: Ray's own logs and every rank's INFO lines too (`--verbose`)
 
 
 # --------------------------------------------------------------------------- the whole
@@ -387,6 +419,8 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     guardian: GuardianConfig = GuardianConfig()
     faults: list[FaultInjection] = []
+    metrics: MetricsConfig = MetricsConfig()
+    eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
 
     def seq_len_at(self, step: int) -> int:

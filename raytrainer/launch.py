@@ -32,11 +32,24 @@ def init_ray(cfg: Config) -> None:
     # after this long instead of waiting forever. Elastic runs shorten it for restarts (raytrainer.elastic).
     os.environ.setdefault(START_TIMEOUT_ENV, str(int(cfg.parallel.worker_start_timeout_s)))
     address = cfg.run.address or os.environ.get("RAY_ADDRESS")
+    # Quiet by default: the driver speaks for the run. Workers' warnings and errors come through the run's
+    # monitor (raytrainer.live); Ray's own logs stay in its session directory (/tmp/ray/session_latest/logs).
+    # run.verbose streams every process's output here, as Ray does by default.
+    quiet = {} if cfg.run.verbose else {"logging_level": logging.ERROR, "configure_logging": True}
+    log_to_driver = cfg.run.verbose
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver, **quiet)
     else:
-        # A 2-core laptop still needs room for Ray Data tasks beside the training workers.
-        ray.init(num_cpus=max(cfg.run.local_num_cpus, os.cpu_count() or 1), include_dashboard=False)
+        # A 2-core laptop still needs room for Ray Data tasks beside the training workers. The dashboard
+        # serves the state API that Ray Train's placement-group cleaner polls; without it, it warns every
+        # few seconds for the whole run.
+        # The raylet starts workers at most as many at once as there are cores, and warns once a job has
+        # started 4x that many: on a 2-core machine the default job's driver-side actors, two trainers and
+        # the data tasks are past it at once. The logical CPU count is the concurrency meant here.
+        num_cpus = max(cfg.run.local_num_cpus, os.cpu_count() or 1)
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))
+        ray.init(num_cpus=num_cpus, include_dashboard=True,
+                 log_to_driver=log_to_driver, **quiet)
 
 
 def check_capacity(cfg: Config, autoscaling: bool) -> None:
@@ -70,6 +83,9 @@ def absolute_local_paths(cfg: Config) -> Config:
     updates = {}
     if is_local(cfg.data.path):
         updates["data"] = cfg.data.model_copy(update={"path": os.path.abspath(cfg.data.path)})
+    if cfg.data.val_path and is_local(cfg.data.val_path):
+        data = updates.get("data", cfg.data)
+        updates["data"] = data.model_copy(update={"val_path": os.path.abspath(cfg.data.val_path)})
     if is_local(cfg.checkpoint.storage):
         updates["checkpoint"] = cfg.checkpoint.model_copy(update={"storage": os.path.abspath(cfg.checkpoint.storage)})
     return cfg.model_copy(update=updates)
@@ -186,14 +202,21 @@ def run(cfg: Config) -> dict:
     """Run (or resume) the job described by cfg on the current or a local Ray cluster."""
     from raytrainer.data.validate import validate_data_config
     from raytrainer.fault.guardian_actor import start_guardian, stop_guardian
+    from raytrainer.live.monitor import start_monitor, stop_monitor
+    from raytrainer.live.view import Follower, LiveView
+    from raytrainer.metrics.setup import check_metrics_config
+    from raytrainer.report.document import write_config
     from raytrainer.storage import open_storage, preflight
     from raytrainer.train.ray_failure import guardian_abort_in
 
     cfg = absolute_local_paths(cfg)
+    check_metrics_config(cfg)
     preflight(cfg.checkpoint.storage, cfg.checkpoint.s3)  # seconds, and before any cluster work
     if not cfg.run.resume:
         cfg = fresh_run(cfg)
     aborted = check_not_aborted(cfg)
+    run_dir = open_storage(cfg.checkpoint.storage, cfg.checkpoint.s3).child(cfg.run.name)
+    write_config(run_dir, to_dict(cfg))
     init_ray(cfg)
     ensure_sample_data(cfg)
     report = validate_data_config(cfg.data, model_vocab_size=cfg.model.vocab_size)
@@ -211,9 +234,10 @@ def run(cfg: Config) -> dict:
                         cfg.run.name, cfg.guardian.max_rollbacks)
     storage = open_storage(cfg.checkpoint.storage, cfg.checkpoint.s3)
     trainer = build_torch_trainer(cfg, storage.root, storage.fs)
-    log.info("training %s: %d steps on %d..%d %s workers (%s)", cfg.run.name, cfg.train.steps,
+    log.info("training %s: %d steps on %d..%d %s workers (%s); metrics in %s", cfg.run.name, cfg.train.steps,
              cfg.parallel.min_workers, cfg.parallel.max_workers,
-             "GPU" if cfg.parallel.use_gpu else "CPU", cfg.parallel.strategy)
+             "GPU" if cfg.parallel.use_gpu else "CPU", cfg.parallel.strategy, storage.uri(cfg.run.name, "metrics"))
+    follower = Follower(start_monitor(cfg.run.name), LiveView(cfg.train.steps, cfg.train.log_every)).start()
     try:
         result = trainer.fit()
     except Exception as e:
@@ -222,11 +246,31 @@ def run(cfg: Config) -> dict:
             raise
         raise abort from None  # the incident report, without Ray's wrapping of every rank's traceback
     finally:
+        follower.stop()
+        stop_monitor(cfg.run.name)
         if cfg.guardian.enabled:
             stop_guardian(cfg.run.name)  # flushes the events log and the guardian's state
+        if cfg.metrics.report:
+            write_report(cfg, run_dir)
     if result.error is not None:
         raise result.error
     return {**summarize(cfg), **registered_with_ray(result)}
+
+
+def write_report(cfg: Config, run_dir: Any) -> None:
+    """report.md and report.html into the run's storage; a report that cannot be made is a warning."""
+    from raytrainer.checkpoint import CheckpointStore
+    from raytrainer.report.document import write_run_report
+
+    try:
+        store = CheckpointStore(cfg.checkpoint.storage, cfg.run.name, cfg.checkpoint.s3)
+        checkpoints = [{"step": c.step, "complete": c.complete, "world_size": c.world_size, "pinned": c.pinned,
+                        "problems": c.problems} for c in store.list()]
+        written = write_run_report(run_dir, checkpoints)
+        log.info("report: %s", written[1])
+    except Exception as e:  # the run's outcome stands whether or not its report could be drawn
+        log.warning("report: could not be written (%s: %s); try `raytrainer report --run %s`",
+                    type(e).__name__, e, run_dir.url)
 
 
 def registered_with_ray(result: Any) -> dict:

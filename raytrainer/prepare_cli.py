@@ -53,6 +53,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quality-field", default=None, help="optional numeric quality field / column")
     p.add_argument("--prompt-field", default=None,
                    help="instruction data: field / column with the prompt, tokenised before the text")
+    p.add_argument("--val-fraction", type=float, default=0.005,
+                   help="documents held out for validation, chosen by a hash of their tokens (default 0.005, "
+                        "at least 8192 tokens; 0 for none)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer workers (default: one per core)")
     p.add_argument("--local", action="store_true", help="tokenise in this process, without Ray")
     p.add_argument("--force", action="store_true", help="recompute even if the inputs look unchanged")
@@ -95,13 +98,15 @@ def _prepare(args: argparse.Namespace, out: str | None, tokenizer: str, s3: S3Co
         shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
         buckets=parse_buckets(args.buckets) if args.buckets else DEFAULT_BUCKETS,
         s3=s3, use_ray=not args.local, num_workers=args.workers, force=args.force,
+        val_fraction=args.val_fraction,
     )
     m = result.manifest
     state = "up to date" if result.up_to_date else f"{len(result.written)} written, {len(result.kept)} kept"
     per_source = ", ".join(f"{k}: {v['tokens']}" for k, v in m.sources.items())
     print(f"{result.out}: {len(m.shards)} shards ({state}), {m.num_docs} documents, {m.num_tokens} tokens "
           f"({per_source}), {m.token_dtype}, "
-          f"{m.chars_per_token:.2f} chars/token, {result.seconds:.1f}s")
+          f"{m.chars_per_token:.2f} chars/token, {result.seconds:.1f}s; validation split: "
+          f"{sum(v.num_docs for v in m.validation)} documents, {m.validation_tokens} tokens")
     return 0
 
 

@@ -1,4 +1,7 @@
-"""prepare_dataset on small inputs (tokenised in-process; the Ray path is in test_prepare_ray.py)."""
+"""prepare_dataset on small inputs (tokenised in-process; the Ray path is in test_prepare_ray.py).
+
+Every document stays in training here (val_fraction=0), so round trips can be checked exactly; the
+validation holdout has its own tests in test_validation_split.py."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ def corpus(tmp_path):
 
 def test_counts_in_the_manifest_equal_the_data(corpus):
     inputs, expected, out = corpus
-    result = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False)
+    result = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False, val_fraction=0)
     m = result.manifest
     assert m.token_dtype == "uint16" and m.tokenizer == load_tokenizer("byte").identity()
     assert result.empty_docs == 2  # notes/empty.txt and the empty JSON line
@@ -47,7 +50,7 @@ def test_counts_in_the_manifest_equal_the_data(corpus):
 
 def test_documents_end_with_eos_and_decode_to_the_input(corpus):
     inputs, expected, out = corpus
-    prepare_dataset(inputs, str(out), "byte", use_ray=False)
+    prepare_dataset(inputs, str(out), "byte", use_ray=False, val_fraction=0)
     tok = load_tokenizer("byte")
     docs = read_docs(out)
     for source, wanted in expected.items():
@@ -64,7 +67,7 @@ def _round(q: float | None) -> float | None:
 def test_schema_and_narrowest_dtype_for_byte_and_gpt2(corpus):
     inputs, _, out = corpus
     for spec in ("byte", "gpt2"):
-        m = prepare_dataset(inputs, str(out / spec), spec, use_ray=False).manifest
+        m = prepare_dataset(inputs, str(out / spec), spec, use_ray=False, val_fraction=0).manifest
         assert m.token_dtype == "uint16"
         schema = pq.read_schema(out / spec / m.shards[0].path)
         assert schema.field("tokens").type.value_type == pa.uint16()
@@ -79,7 +82,7 @@ def test_a_vocabulary_above_65536_gets_uint32(tmp_path):
     tok.save(str(tmp_path / "big.json"))
     (tmp_path / "doc.txt").write_text("w1 w69999 w65536 nope")
     m = prepare_dataset([InputSpec(str(tmp_path / "doc.txt"), "t")], str(tmp_path / "out"),
-                        str(tmp_path / "big.json"), use_ray=False).manifest
+                        str(tmp_path / "big.json"), use_ray=False, val_fraction=0).manifest
     assert m.token_dtype == "uint32" and m.vocab_size > 70_000
     table = pq.read_table(tmp_path / "out" / m.shards[0].path)
     assert table.schema.field("tokens").type.value_type == pa.uint32()
@@ -88,7 +91,7 @@ def test_a_vocabulary_above_65536_gets_uint32(tmp_path):
 
 def test_bucketing_follows_document_length(corpus):
     inputs, _, out = corpus
-    m = prepare_dataset(inputs, str(out), "byte", use_ray=False).manifest
+    m = prepare_dataset(inputs, str(out), "byte", use_ray=False, val_fraction=0).manifest
     limits = {"short": (1, 512), "medium": (513, 2048), "long": (2049, 10**9)}
     for source, docs in read_docs(out).items():
         for d in docs:
@@ -97,14 +100,14 @@ def test_bucketing_follows_document_length(corpus):
     assert {s.bucket for s in m.shards} == {"short", "medium", "long"}
 
     custom = prepare_dataset(inputs, str(out / "custom"), "byte", buckets=parse_buckets("tiny:200,rest"),
-                             use_ray=False).manifest
+                             use_ray=False, val_fraction=0).manifest
     assert [b.name for b in custom.length_buckets] == ["tiny", "rest"]
     assert {s.bucket for s in custom.shards} == {"tiny", "rest"}
 
 
 def test_shards_are_cut_at_shard_tokens_and_keep_input_order(corpus):
     inputs, expected, out = corpus
-    m = prepare_dataset(inputs, str(out), "byte", shard_tokens=2000, use_ray=False).manifest
+    m = prepare_dataset(inputs, str(out), "byte", shard_tokens=2000, use_ray=False, val_fraction=0).manifest
     tok = load_tokenizer("byte")
     books = [s for s in m.shards if s.source == "books" and s.bucket == "medium"]
     assert len(books) > 1
@@ -118,19 +121,19 @@ def test_shards_are_cut_at_shard_tokens_and_keep_input_order(corpus):
 
 def test_same_inputs_give_the_same_shards(corpus):
     inputs, _, out = corpus
-    a = prepare_dataset(inputs, str(out / "a"), "gpt2", shard_tokens=500, use_ray=False).manifest
+    a = prepare_dataset(inputs, str(out / "a"), "gpt2", shard_tokens=500, use_ray=False, val_fraction=0).manifest
     b = prepare_dataset(list(reversed(inputs)), str(out / "b"), "gpt2", shard_tokens=500,
-                        use_ray=False).manifest
+                        use_ray=False, val_fraction=0).manifest
     assert [(s.path, s.sha256) for s in a.shards] == [(s.path, s.sha256) for s in b.shards]
 
 
 def test_rerun_keeps_finished_shards(corpus):
     inputs, _, out = corpus
-    first = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False)
+    first = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False, val_fraction=0)
     before = mtimes(out)
-    again = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False)
+    again = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False, val_fraction=0)
     assert again.up_to_date and again.manifest.shards == first.manifest.shards
-    forced = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False, force=True)
+    forced = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False, val_fraction=0, force=True)
     assert not forced.up_to_date and forced.written == []
     assert sorted(forced.kept) == sorted(before)
     assert mtimes(out) == before
@@ -138,7 +141,7 @@ def test_rerun_keeps_finished_shards(corpus):
 
 def test_rerun_completes_an_interrupted_run(corpus):
     inputs, _, out = corpus
-    full = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False).manifest
+    full = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False, val_fraction=0).manifest
     # An interrupted run: no manifest yet, the last shard never committed, a temporary file left behind.
     lost = full.shards[-1].path
     (out / "manifest.json").unlink()
@@ -148,7 +151,7 @@ def test_rerun_completes_an_interrupted_run(corpus):
     (out / STATE_NAME).write_text(json.dumps({"fingerprint": "x", "shards": []}))
     before = mtimes(out)
 
-    result = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False)
+    result = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False, val_fraction=0)
     assert result.written == [lost]
     assert sorted(result.kept) == sorted(before)
     assert not leftover.exists() and str(leftover.relative_to(out)) in result.removed
@@ -159,11 +162,11 @@ def test_rerun_completes_an_interrupted_run(corpus):
 
 def test_changed_input_rewrites_only_what_changed_and_drops_stale_shards(corpus, tmp_path):
     inputs, _, out = corpus
-    first = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False).manifest
+    first = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False, val_fraction=0).manifest
     before = mtimes(out)
     (tmp_path / "raw" / "books.parquet").unlink()
     pq.write_table(pa.table({"body": [text_of(300, 1)], "score": [1.0]}), tmp_path / "raw" / "books.parquet")
-    result = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False)
+    result = prepare_dataset(inputs, str(out), "byte", shard_tokens=1000, use_ray=False, val_fraction=0)
     assert not result.up_to_date
     assert result.written and all(p.startswith("books/") for p in result.written)
     assert all(p.startswith("books/") for p in result.removed)
@@ -177,37 +180,37 @@ def test_changed_input_rewrites_only_what_changed_and_drops_stale_shards(corpus,
 def test_input_errors_name_the_file(tmp_path):
     out = str(tmp_path / "out")
     with pytest.raises(DataError, match=r"input web=.*nothing\*.jsonl: no files found"):
-        prepare_dataset([InputSpec(str(tmp_path / "nothing*.jsonl"), "web")], out, use_ray=False)
+        prepare_dataset([InputSpec(str(tmp_path / "nothing*.jsonl"), "web")], out, use_ray=False, val_fraction=0)
 
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     with pytest.raises(DataError, match=rf"{bad_json} line 2: no field 'text' \(fields: \['body'\]\)"):
-        prepare_dataset([InputSpec(str(bad_json), "web")], out, use_ray=False)
+        prepare_dataset([InputSpec(str(bad_json), "web")], out, use_ray=False, val_fraction=0)
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine"}\n{"text": "cut sh\n')
     with pytest.raises(DataError, match=rf"{broken} line 2: not valid JSON"):
-        prepare_dataset([InputSpec(str(broken), "web")], out, use_ray=False)
+        prepare_dataset([InputSpec(str(broken), "web")], out, use_ray=False, val_fraction=0)
 
     corrupt = tmp_path / "corrupt.parquet"
     corrupt.write_bytes(b"PAR1 this is not really parquet")
     with pytest.raises(DataError, match=rf"{corrupt}: not a readable Parquet file"):
-        prepare_dataset([InputSpec(str(corrupt), "books")], out, use_ray=False)
+        prepare_dataset([InputSpec(str(corrupt), "books")], out, use_ray=False, val_fraction=0)
 
     no_column = tmp_path / "nocol.parquet"
     pq.write_table(pa.table({"content": ["x"]}), no_column)
     with pytest.raises(DataError, match=rf"{no_column}: no column 'text' \(columns: \['content'\]\)"):
-        prepare_dataset([InputSpec(str(no_column), "books")], out, use_ray=False)
+        prepare_dataset([InputSpec(str(no_column), "books")], out, use_ray=False, val_fraction=0)
 
     with pytest.raises(DataError, match="source name 'we b'"):
-        prepare_dataset([InputSpec(str(bad_json), "we b")], out, use_ray=False)
+        prepare_dataset([InputSpec(str(bad_json), "we b")], out, use_ray=False, val_fraction=0)
 
 
 def test_prepared_shards_cannot_be_inputs(corpus):
     inputs, _, out = corpus
-    prepare_dataset(inputs, str(out), use_ray=False)
+    prepare_dataset(inputs, str(out), use_ray=False, val_fraction=0)
     with pytest.raises(DataError, match="inside the output directory"):
-        prepare_dataset([InputSpec(str(out), "again")], str(out), use_ray=False)
+        prepare_dataset([InputSpec(str(out), "again")], str(out), use_ray=False, val_fraction=0)
 
 
 def test_input_argument_syntax():
@@ -225,7 +228,7 @@ def test_input_argument_syntax():
 
 def test_manifest_on_disk_loads_and_records_how_it_was_made(corpus):
     inputs, _, out = corpus
-    prepare_dataset(inputs, str(out), "byte", shard_tokens=1234, use_ray=False)
+    prepare_dataset(inputs, str(out), "byte", shard_tokens=1234, use_ray=False, val_fraction=0)
     m = Manifest.load(str(out))
     assert m.prepare["shard_tokens"] == 1234 and len(m.prepare["fingerprint"]) == 64
     assert m.prepare["inputs"][0].startswith("notes=")
@@ -237,7 +240,8 @@ def test_cli_prepares_with_per_input_fields(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--input", f"notes={inputs[0].path}", "--input", f"web={tmp_path}/raw/*.jsonl::quality=q",
             "--input", f"books={tmp_path}/raw/books.parquet::text=body", "--out", str(out),
-            "--shard-tokens", "1K", "--buckets", "short:600,long", "--local", "--quiet"]
+            "--shard-tokens", "1K", "--buckets", "short:600,long", "--local", "--val-fraction", "0",
+            "--quiet"]
     assert main(args) == 0
     assert "written" in capsys.readouterr().out
     m = Manifest.load(str(out))

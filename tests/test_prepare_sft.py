@@ -48,7 +48,7 @@ def test_each_document_is_prompt_then_response_then_eos_with_the_prompts_token_c
                                                                                       tokenizer):
     path, rows = sft_jsonl
     spec = InputSpec(str(path), "chat", text_field="response", prompt_field="instruction")
-    prepare_dataset([spec], str(tmp_path / "out"), tokenizer, shard_tokens=2000, use_ray=False)
+    prepare_dataset([spec], str(tmp_path / "out"), tokenizer, shard_tokens=2000, use_ray=False, val_fraction=0)
     tok = load_tokenizer(tokenizer)
     docs = read_docs(tmp_path / "out")["chat"]
     # Shards are bucketed by length, so match documents to records by their prompt.
@@ -70,7 +70,7 @@ def test_parquet_prompt_column_and_plain_pretraining_inputs_mix_in_one_dataset(t
                    raw / "sft.parquet")
     (raw / "notes.txt").write_text(text_of(400, 9))
     inputs = [parse_input(f"chat={raw}/sft.parquet::prompt=q,text=a"), parse_input(f"notes={raw}/notes.txt")]
-    prepare_dataset(inputs, str(tmp_path / "out"), "byte", use_ray=False)
+    prepare_dataset(inputs, str(tmp_path / "out"), "byte", use_ray=False, val_fraction=0)
     docs = read_docs(tmp_path / "out")
     assert sorted(d["prompt_length"] for d in docs["chat"]) == sorted(len(r["instruction"].encode()) for r in rows)
     assert [d["prompt_length"] for d in docs["notes"]] == [0]  # plain text has no prompt: all of it is learned
@@ -80,7 +80,7 @@ def test_sft_objective_learns_responses_only_from_prepared_data(sft_jsonl, tmp_p
     path, _ = sft_jsonl
     out = tmp_path / "out"
     prepare_dataset([parse_input(f"chat={path}::prompt=instruction,text=response")], str(out), "byte",
-                    use_ray=False)
+                    use_ray=False, val_fraction=0)
     docs = documents_by_id(out)
     feed = DataFeed(config(seq_len=64, global_batch_tokens=64 * 4, objective="sft"), str(out), use_ray=False)
     prompt_targets = learned_targets = 0
@@ -109,19 +109,19 @@ def test_instruction_input_errors_name_the_file_line_and_field(tmp_path):
                                    + json.dumps({"response": "no prompt here"}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl line 2: no field 'instruction'.*prompt=FIELD"):
         prepare_dataset([parse_input(f"chat={raw}/bad.jsonl::prompt=instruction,text=response")],
-                        str(tmp_path / "out"), "byte", use_ray=False)
+                        str(tmp_path / "out"), "byte", use_ray=False, val_fraction=0)
     (raw / "typed.jsonl").write_text(json.dumps({"instruction": 3, "response": "x"}) + "\n")
     with pytest.raises(DataError, match=r"typed\.jsonl line 1: field 'instruction' is int, not a string"):
         prepare_dataset([parse_input(f"chat={raw}/typed.jsonl::prompt=instruction,text=response")],
-                        str(tmp_path / "out2"), "byte", use_ray=False)
+                        str(tmp_path / "out2"), "byte", use_ray=False, val_fraction=0)
     (raw / "readme.txt").write_text("plain")
     with pytest.raises(DataError, match=r"readme\.txt is a plain text file.*prompt=FIELD applies to .jsonl"):
         prepare_dataset([parse_input(f"chat={raw}/readme.txt::prompt=instruction")], str(tmp_path / "out3"),
-                        "byte", use_ray=False)
+                        "byte", use_ray=False, val_fraction=0)
     pq.write_table(pa.table({"q": [1, 2], "a": ["x", "y"]}), raw / "sft.parquet")
     with pytest.raises(DataError, match=r"sft\.parquet: column 'q' has type int64, expected a string"):
         prepare_dataset([parse_input(f"chat={raw}/sft.parquet::prompt=q,text=a")], str(tmp_path / "out4"),
-                        "byte", use_ray=False)
+                        "byte", use_ray=False, val_fraction=0)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.parquet"))
 
 
@@ -129,7 +129,7 @@ def test_validation_rejects_a_prompt_that_covers_the_whole_document(sft_jsonl, t
     path, _ = sft_jsonl
     out = tmp_path / "out"
     prepare_dataset([parse_input(f"chat={path}::prompt=instruction,text=response")], str(out), "byte",
-                    use_ray=False)
+                    use_ray=False, val_fraction=0)
     manifest = Manifest.load(str(out))
     shard = manifest.shards[0]
     table = pq.read_table(out / shard.path)
@@ -147,7 +147,8 @@ def test_raytrainer_prepare_is_the_prepare_job(sft_jsonl, tmp_path, capsys):
     path, rows = sft_jsonl
     out = tmp_path / "cli"
     assert raytrainer_main(["prepare", "--input", f"chat={path}", "--prompt-field", "instruction",
-                            "--text-field", "response", "--out", str(out), "--local", "--quiet"]) == 0
+                            "--text-field", "response", "--out", str(out), "--local", "--val-fraction", "0",
+                            "--quiet"]) == 0
     assert f"{len(rows)} documents" in capsys.readouterr().out
     assert all(d["prompt_length"] > 0 for d in read_docs(out)["chat"])
     assert raytrainer_main(["prepare", "--validate", str(out)]) == 0

@@ -13,6 +13,8 @@ from raytrainer.checkpoint import CheckpointStore
 from raytrainer.config import load_config
 from raytrainer.fault.events import EventLog, RunStore, read_events
 from raytrainer.fault.guardian import Guardian
+from raytrainer.metrics import read_history
+from raytrainer.storage import open_storage
 from raytrainer.train.loop import WorkerEnv
 from raytrainer.train.ray_entry import build_trainer
 from runs import MICRO_MODEL, make_dataset
@@ -75,6 +77,19 @@ def test_rollback_past_keep_last_with_the_presets_settings(dataset, tmp_path):
     assert 25 not in {s for e in logged if e["event"] == "checkpoints_deleted" and e["seq"] < rollback["seq"]
                       for s in e["steps"]}
     assert deleted, "retention ran during the run"
+
+    # The metrics on record: one timeline step per step, the abandoned branch marked by the rollback record.
+    history = read_history(open_storage(str(tmp_path)).child(cfg.run.name))
+    assert [r["step"] for r in history.steps] == list(range(100))
+    marks = history.of_kind("rollback")
+    assert [(r["step"], r["to"], r["abandoned"]) for r in marks] == [(85, 25, [25, 85])]
+    assert sorted(r["step"] for r in history.abandoned) == list(range(25, 85))
+    assert all(r["abandoned_by"] == "rollback at step 85 to 25" for r in history.abandoned)
+    # The skipped NaN steps were on the abandoned branch; faults fire once, so the timeline is clean.
+    assert {r["step"]: r["action"] for r in history.abandoned if r["action"] != "continue"} == {
+        30: "skip", 55: "skip", 70: "skip"}
+    assert all(r["action"] == "continue" for r in history.steps)
+    assert history.steps[-1]["tokens_seen"] == sum(r["tokens"] for r in history.steps if r["applied"])
 
 
 def test_unreadable_rollback_target_falls_back_to_an_older_checkpoint(dataset, tmp_path, caplog):

@@ -22,6 +22,8 @@ manifest.json (format "raytrainer-tokens/1"):
     length_histogram {"edges": [1, 2, 4, ...], "counts": [...]}: counts[i] documents have
                      edges[i] <= length < edges[i + 1]
     chars_per_token  characters of text per token, EOS not counted
+    validation       (optional) shards of the documents held out for validation, same record format, paths
+                     `<source>/validation/shard-NNNNNN.parquet`, bucket "validation"; never in `shards`
     created          ISO-8601 time of writing
     prepare          (optional) what produced it: a fingerprint of the inputs and settings, so a re-run
                      with nothing changed is recognised
@@ -46,6 +48,7 @@ FORMAT = "raytrainer-tokens/1"
 MANIFEST_NAME = "manifest.json"
 TOKEN_DTYPES = ("uint16", "uint32")
 TOKENIZER_KEYS = ("name", "hash", "vocab_size", "eos_id", "pad_id")
+VALIDATION = "validation"  # the bucket name (and path part) of held-out shards
 
 
 class DataError(ValueError):
@@ -162,6 +165,7 @@ class Manifest:
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     prepare: dict[str, Any] | None = None
     format: str = FORMAT
+    validation: list[ShardRecord] = field(default_factory=list)
 
     # ---- derived
 
@@ -180,6 +184,10 @@ class Manifest:
     @property
     def num_docs(self) -> int:
         return sum(s.num_docs for s in self.shards)
+
+    @property
+    def validation_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.validation)
 
     def bucket_names(self) -> list[str]:
         return [b.name for b in self.length_buckets]
@@ -206,6 +214,8 @@ class Manifest:
         }
         if self.prepare is not None:
             out["prepare"] = self.prepare
+        if self.validation:
+            out["validation"] = [asdict(s) for s in self.validation]
         return out
 
     def to_json(self) -> str:
@@ -227,18 +237,8 @@ class Manifest:
             buckets = [LengthBucket(_str(b, "name", where, f"length_buckets[{i}]"),
                                     _opt_int(b, "max_tokens", where, f"length_buckets[{i}]"))
                        for i, b in enumerate(get.list("length_buckets"))]
-            shards = [
-                ShardRecord(
-                    path=_str(s, "path", where, f"shards[{i}]"),
-                    source=_str(s, "source", where, f"shards[{i}]"),
-                    bucket=_str(s, "bucket", where, f"shards[{i}]"),
-                    num_docs=_int(s, "num_docs", where, f"shards[{i}]"),
-                    num_tokens=_int(s, "num_tokens", where, f"shards[{i}]"),
-                    bytes=_int(s, "bytes", where, f"shards[{i}]"),
-                    sha256=_str(s, "sha256", where, f"shards[{i}]"),
-                )
-                for i, s in enumerate(get.list("shards"))
-            ]
+            shards = _shard_records(get.list("shards"), where, "shards")
+            validation = _shard_records(raw.get("validation") or [], where, "validation")
             sources = {
                 name: {"docs": _int(v, "docs", where, f"sources.{name}"),
                        "tokens": _int(v, "tokens", where, f"sources.{name}")}
@@ -254,6 +254,7 @@ class Manifest:
                 chars_per_token=float(get.number("chars_per_token")),
                 created=get.str("created"),
                 prepare=raw.get("prepare"),
+                validation=validation,
             )
         except (TypeError, AttributeError) as e:
             raise DataError(f"{where}: malformed manifest ({e}); prepare the dataset again") from None
@@ -332,6 +333,15 @@ class Manifest:
             if min(s.num_docs, s.num_tokens, s.bytes) < 0 or s.num_tokens < s.num_docs:
                 raise DataError(f"{key}: counts num_docs={s.num_docs} num_tokens={s.num_tokens} "
                                 f"bytes={s.bytes} must be non-negative with num_tokens >= num_docs")
+        for i, s in enumerate(self.validation):
+            key = f"{where}: validation[{i}] ({s.path})"
+            if s.path in seen or not s.path.endswith(".parquet") or posixpath.normpath(s.path) != s.path \
+                    or s.path.startswith("/") or ".." in s.path.split("/") or "://" in s.path:
+                raise DataError(f"{key}: path must be a relative .parquet path inside the dataset, not also a "
+                                "training shard")
+            seen.add(s.path)
+            if s.bucket != VALIDATION:
+                raise DataError(f"{key}: bucket {s.bucket!r} must be {VALIDATION!r}")
         totals = source_totals(self.shards, keep=self.sources)
         if totals != self.sources:
             raise DataError(f"{where}: sources {self.sources} do not match the sums over shards {totals}")
@@ -379,6 +389,23 @@ class _Getter:
 
     def number(self, key: str) -> float:
         return self._get(key, (int, float), "a number")
+
+
+def _shard_records(items: Any, where: str, key: str) -> list[ShardRecord]:
+    if not isinstance(items, list):
+        raise DataError(f"{where}: {key} must be a list of shard records, got {type(items).__name__}")
+    return [
+        ShardRecord(
+            path=_str(s, "path", where, f"{key}[{i}]"),
+            source=_str(s, "source", where, f"{key}[{i}]"),
+            bucket=_str(s, "bucket", where, f"{key}[{i}]"),
+            num_docs=_int(s, "num_docs", where, f"{key}[{i}]"),
+            num_tokens=_int(s, "num_tokens", where, f"{key}[{i}]"),
+            bytes=_int(s, "bytes", where, f"{key}[{i}]"),
+            sha256=_str(s, "sha256", where, f"{key}[{i}]"),
+        )
+        for i, s in enumerate(items)
+    ]
 
 
 def _field(obj: Any, key: str, where: str, parent: str) -> Any:

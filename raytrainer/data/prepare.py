@@ -39,11 +39,13 @@ from raytrainer.data.fs import (
     split_url,
     write_committed,
 )
+from raytrainer.data.holdout import DEFAULT_VAL_FRACTION, MIN_VAL_TOKENS, Holdout
 from raytrainer.data.manifest import (
     DEFAULT_BUCKETS,
     FORMAT,
     MANIFEST_NAME,
     PROMPT_LENGTH,
+    VALIDATION,
     DataError,
     LengthBucket,
     Manifest,
@@ -73,7 +75,7 @@ STATE_NAME = "_prepare_state.json"
 SHARD_NAME = re.compile(r"^[^/]+/[^/]+/shard-\d{6}\.parquet$")
 TOKENIZE_BATCH_CHARS = 4 * 1024 * 1024
 STATE_EVERY_S = 30.0  # how often the state file is rewritten while shards are being committed
-PREPARE_VERSION = 1  # bump when the same inputs would give different shards
+PREPARE_VERSION = 2  # bump when the same inputs would give different shards (2: validation holdout)
 # Intermediate column, dropped before writing: characters of text per document, for chars_per_token.
 CHARS = "chars"
 
@@ -101,24 +103,32 @@ def prepare_dataset(
     use_ray: bool = True,
     num_workers: int | None = None,
     force: bool = False,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    min_val_tokens: int = MIN_VAL_TOKENS,
 ) -> PrepareResult:
     """Tokenise `inputs` into shards + manifest.json under `out` (local directory or s3://bucket/prefix).
 
     use_ray=False tokenises in this process (same output, for small inputs and tests). force=True
     recomputes even when the manifest says the inputs have not changed (finished shards are still kept
-    when their content is identical)."""
+    when their content is identical). `val_fraction` of the documents (by a hash of their tokens, at least
+    `min_val_tokens` tokens; 0 for none) go to the manifest's validation split instead of training."""
     started = time.monotonic()
     if shard_tokens <= 0:
         raise DataError(f"shard_tokens={shard_tokens} must be positive")
     buckets = list(buckets)
     check_buckets(buckets, "length buckets")
+    if any(b.name == VALIDATION for b in buckets):
+        raise DataError(f"length bucket name {VALIDATION!r} is reserved for the validation split; rename it")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"--val-fraction {val_fraction} must be at least 0 and below 1 (0.005 holds out 0.5%)")
     tok = load_tokenizer(tokenizer)
     identity = tok.identity()
     token_dtype = token_dtype_for(tok.vocab_size)
     files = expand_inputs(inputs, s3)
     storage = open_storage(out, s3)
     _refuse_outputs_as_inputs(files, storage)
-    fingerprint = _fingerprint(files, identity, token_dtype, buckets, shard_tokens)
+    fingerprint = _fingerprint(files, identity, token_dtype, buckets, shard_tokens,
+                               {"fraction": val_fraction, "min_tokens": min_val_tokens})
 
     previous = _load_previous(storage, s3)
     if previous is not None and not force and _is_current(previous, fingerprint, storage):
@@ -132,7 +142,8 @@ def prepare_dataset(
         log.info("removed %d unfinished file(s) from an earlier run: %s", len(removed), removed[:5])
     known = _known_records(storage, previous)
     with_prompts = any(f.prompt_field for f in files)
-    writer = ShardWriter(storage, token_dtype, buckets, shard_tokens, known, fingerprint, with_prompts)
+    writer = ShardWriter(storage, token_dtype, buckets, shard_tokens, known, fingerprint, with_prompts,
+                         holdout=Holdout(val_fraction, min_val_tokens))
     units = plan_units(files, s3)
     log.info("tokenising %d files (%d units of work) with %s into %s", len(files), len(units), tok.name,
              storage.url)
@@ -141,6 +152,12 @@ def prepare_dataset(
     for table in tables:
         writer.add(table)
     records = writer.finish()
+    validation = [r for r in records if r.bucket == VALIDATION]
+    records = [r for r in records if r.bucket != VALIDATION]
+    if not records and validation:
+        raise DataError(f"inputs {[f'{i.source}={i.path}' for i in inputs]}: every document went to the "
+                        f"validation split (--val-fraction {val_fraction}); nothing is left to train on: give more "
+                        "text, or --val-fraction 0 for a dataset this small")
     if not records:
         raise DataError(f"inputs {[f'{i.source}={i.path}' for i in inputs]} hold no document with text "
                         f"({writer.empty_docs} empty); nothing to write to {storage.url}")
@@ -155,15 +172,17 @@ def prepare_dataset(
         length_histogram=length_histogram(writer.lengths()),
         chars_per_token=round(writer.chars / max(1, writer.text_tokens), 6),
         prepare={"fingerprint": fingerprint, "shard_tokens": shard_tokens,
-                 "inputs": [f"{i.source}={i.path}" for i in inputs]},
+                 "inputs": [f"{i.source}={i.path}" for i in inputs], "val_fraction": val_fraction},
+        validation=validation,
     )
     manifest.save(out, s3)
     storage.delete_file(STATE_NAME)
-    removed += _remove_stale_shards(storage, {r.path for r in records})
+    removed += _remove_stale_shards(storage, {r.path for r in records + validation})
     result = PrepareResult(manifest, storage.url, writer.written, writer.kept, removed, writer.empty_docs,
                            seconds=time.monotonic() - started)
-    log.info("%s: %d shards (%d written, %d kept), %d docs, %d tokens in %.1fs", storage.url, len(records),
-             len(writer.written), len(writer.kept), manifest.num_docs, manifest.num_tokens, result.seconds)
+    log.info("%s: %d shards (%d written, %d kept), %d docs, %d tokens in %.1fs; %d tokens held out for "
+             "validation", storage.url, len(records), len(writer.written), len(writer.kept), manifest.num_docs,
+             manifest.num_tokens, result.seconds, manifest.validation_tokens)
     return result
 
 
@@ -361,8 +380,10 @@ class ShardWriter:
     shard_tokens. A shard whose bytes already exist (same sha256) is kept rather than rewritten."""
 
     def __init__(self, storage: Storage, token_dtype: str, buckets: Sequence[LengthBucket], shard_tokens: int,
-                 known: dict[str, ShardRecord], fingerprint: str, with_prompt_length: bool = False):
+                 known: dict[str, ShardRecord], fingerprint: str, with_prompt_length: bool = False,
+                 holdout: Holdout | None = None):
         self.storage = storage
+        self.holdout = holdout
         self.schema = shard_schema(token_dtype, with_prompt_length)
         self.buckets = list(buckets)
         self.shard_tokens = shard_tokens
@@ -392,6 +413,22 @@ class ShardWriter:
         self._lengths.append(lengths.astype(np.int32))
         self.chars += int(pc.sum(table.column(CHARS)).as_py())
         self.text_tokens += int(lengths.sum()) - table.num_rows
+        if self.holdout is None:
+            self._add_training(table)
+            return
+        train, val = self.holdout.split(table)
+        self._add_split(train, val)
+
+    def _add_split(self, train: pa.Table | None, val: pa.Table | None) -> None:
+        if train is not None and train.num_rows:
+            self._add_training(train)
+        if val is not None and val.num_rows:
+            sources = val.column("source").to_numpy(zero_copy_only=False)
+            for source in dict.fromkeys(sources):
+                self._append((source, VALIDATION), val.filter(pa.array(sources == source)))
+
+    def _add_training(self, table: pa.Table) -> None:
+        lengths = table.column("length").to_numpy()
         bucket_ids = bucket_of(lengths, self.buckets)
         sources = table.column("source").to_numpy(zero_copy_only=False)
         for source in dict.fromkeys(sources):  # in order of appearance
@@ -414,6 +451,8 @@ class ShardWriter:
             self.pending_tokens[key] = int(cumulative[-1] - cumulative[cut - 1])
 
     def finish(self) -> list[ShardRecord]:
+        if self.holdout is not None:
+            self._add_split(*self.holdout.finish())
         for key in sorted(self.pending):
             if self.pending[key]:
                 self._commit(key, pa.concat_tables(self.pending[key]))
@@ -428,7 +467,7 @@ class ShardWriter:
         source, bucket = key
         index = self.next_index.get(key, 0)
         self.next_index[key] = index + 1
-        rel = f"{source}/{bucket}/shard-{index:06d}.parquet"
+        rel = f"{source}/{bucket}/shard-{index:06d}.parquet"  # held-out documents: <source>/validation/
         # One chunk per column: the bytes must not depend on how the rows arrived in batches.
         data = serialize_shard(rows.select(self.schema.names).cast(self.schema).combine_chunks())
         digest = sha256_hex(data)
@@ -472,8 +511,9 @@ def serialize_shard(table: pa.Table) -> bytes:
 
 
 def _fingerprint(files: Iterable[InputFile], identity: dict, token_dtype: str,
-                 buckets: Sequence[LengthBucket], shard_tokens: int) -> str:
+                 buckets: Sequence[LengthBucket], shard_tokens: int, holdout: dict) -> str:
     payload = {
+        "holdout": holdout,
         "version": PREPARE_VERSION, "format": FORMAT, "tokenizer": identity["hash"],
         "token_dtype": token_dtype,
         "buckets": [asdict(b) for b in buckets], "shard_tokens": shard_tokens,
@@ -496,12 +536,12 @@ def _is_current(manifest: Manifest, fingerprint: str, storage: Storage) -> bool:
     if (manifest.prepare or {}).get("fingerprint") != fingerprint:
         return False
     sizes = storage.list_files()
-    return all(sizes.get(s.path) == s.bytes for s in manifest.shards)
+    return all(sizes.get(s.path) == s.bytes for s in manifest.shards + manifest.validation)
 
 
 def _known_records(storage: Storage, previous: Manifest | None) -> dict[str, ShardRecord]:
     """Shards recorded by the last manifest or by an interrupted run's state file, by path."""
-    known = {s.path: s for s in previous.shards} if previous else {}
+    known = {s.path: s for s in previous.shards + previous.validation} if previous else {}
     if storage.exists(STATE_NAME):
         try:
             state = json.loads(storage.read_bytes(STATE_NAME))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from typing import Any
 
 from raytrainer.config import Config, GuardianConfig
@@ -150,8 +151,10 @@ def _restarted_by_ray() -> bool:
     """Whether this actor's process died and Ray started it again (max_restarts)."""
     ray = sys.modules.get("ray")  # an actor's process has imported it; anything else need not pay for it
     try:
-        return ray is not None and ray.is_initialized() and bool(
-            ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray's own property reads its deprecated actor_id
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return ray is not None and ray.is_initialized() and bool(
+                ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # not inside an actor: a GuardianActor built directly (tests, tools)
         return False
 
@@ -267,7 +270,7 @@ def start_guardian(cfg: Config, store: TextStore | None = None, events: bool = T
     )
     ray.get(actor.ping.remote(), timeout=120)  # fail here, before any worker starts, if it cannot start
     _OWNED[name] = actor
-    log.info("guardian for run %s is up (events: %s)", cfg.run.name, store if events else "not written")
+    log.debug("guardian for run %s is up (events: %s)", cfg.run.name, store if events else "not written")
     return GuardianClient(actor, cfg.run.name)
 
 

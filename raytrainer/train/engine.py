@@ -89,9 +89,10 @@ class StepEngine:
 
     # ------------------------------------------------------------------ the step
 
-    def forward_backward(self, micro_batches: list[dict], step: int) -> StepStats:
+    def forward_backward(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0) -> StepStats:
         """Forward and backward every micro-batch of this rank; gradients are synchronised on the last one.
-        Returns the global loss and pre-clip grad norm (identical on every rank)."""
+        Returns the global loss and pre-clip grad norm (identical on every rank), and every rank's time
+        for this step so far (`data_wait_s`, the wait for its batch, plus its forward and backward)."""
         if self._pending is not None:
             raise RuntimeError(f"forward_backward(step={step}) while step {self._pending.step} still waits for "
                                "apply() or zero_grad(): its gradients would leak into this step")
@@ -113,19 +114,21 @@ class StepEngine:
                 s.backward(self.scaler.scale_loss(out.loss))
             ce_sum += out.metrics["ce"].detach().double() * out.metrics["label_tokens"]
         t_backward = time.perf_counter()
-        loss = s.all_reduce_sum(float(ce_sum)) / max(global_labels, 1.0)
+        # One collective gives the loss and every rank's busy time, so a straggler shows in the metrics.
+        per_rank = s.all_gather_floats([float(ce_sum), data_wait_s + t_backward - t0, data_wait_s])
+        loss = math.fsum(r[0] for r in per_rank) / max(global_labels, 1.0)
         if self.scaler.enabled:
             s.unscale_grads(self.scaler.scale)
         grad_norm = s.clip_grad_norm(self.cfg.optim.grad_clip)
 
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         overflow = self.cfg.precision.dtype == "fp16" and math.isfinite(loss) and not math.isfinite(grad_norm)
-        if overflow:
+        if overflow and s.rank == 0:  # the loss and norm are global: one line, from rank 0
             log.warning("step %d: fp16 gradients overflowed at loss scale %g; the update is skipped and the "
                         "scale halved", step, self.scaler.scale)
-        elif not finite:
-            log.error("step %d: NON-FINITE loss=%s grad_norm=%s on rank %d; this update will not be applied",
-                      step, loss, grad_norm, s.rank)
+        elif not finite and s.rank == 0:
+            log.error("step %d: NON-FINITE loss=%s grad_norm=%s; this update will not be applied",
+                      step, loss, grad_norm)
         seq_len = micro_batches[0]["input_ids"].shape[1]
         stats = StepStats(
             step=step,
@@ -137,12 +140,39 @@ class StepEngine:
             time_s=time.perf_counter() - t0,
             seq_len=seq_len,
             overflow=overflow,
-            metrics={"forward_backward_s": t_backward - t0, "micro_batches": len(micro_batches)},
+            metrics={"forward_backward_s": t_backward - t0, "micro_batches": len(micro_batches),
+                     "rank_busy_s": [r[1] for r in per_rank], "rank_data_wait_s": [r[2] for r in per_rank]},
         )
         if self.scaler.enabled:
             stats.metrics["loss_scale"] = self.scaler.scale
         self._pending = stats
         return stats
+
+    def evaluate(self, batches: list[list[dict]]) -> tuple[float, int]:
+        """Mean cross-entropy per label token over every rank's share of `batches` (each a list of this
+        rank's micro-batches; every rank has as many), and the global count of label tokens. No gradients,
+        no change to the model or the optimizer."""
+        s = self.strategy
+        ce_sum = torch.zeros((), dtype=torch.float64, device=s.device)
+        labels = 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for micro_batches in batches:
+                    for mb in micro_batches:
+                        inputs = {k: mb[k].to(s.device, non_blocking=True) for k in BATCH_KEYS if mb.get(k) is not None}
+                        n = int((mb["labels"] != IGNORE_INDEX).sum())
+                        with autocast(self.cfg.precision.dtype, s.device):
+                            out = self.model(**inputs, loss_normalizer=float(max(n, 1)))
+                        if n:
+                            ce_sum += out.metrics["ce"].detach().double() * out.metrics["label_tokens"]
+                            labels += n
+        finally:
+            self.model.train(was_training)
+        total = s.all_reduce_sum(float(ce_sum))
+        count = int(s.all_reduce_sum(labels))
+        return total / max(count, 1), count
 
     def apply(self, skip: bool = False, lr_factor: float = 1.0) -> bool:
         """Apply (or skip) the update prepared by forward_backward; returns whether it was applied.
@@ -155,7 +185,7 @@ class StepEngine:
         self.current_lr = lr_at(stats.step, self.cfg) * lr_factor
         set_lr(self.strategy.optimizer, self.current_lr)
         applied = not skip and stats.finite
-        if not skip and not stats.finite and not stats.overflow:
+        if not skip and not stats.finite and not stats.overflow and self.strategy.rank == 0:
             log.error("step %d: NOT applying the update: loss=%s grad_norm=%s are not finite",
                       stats.step, stats.loss, stats.grad_norm)
         if applied:

@@ -6,7 +6,7 @@
         forward + backward (accumulated), global loss and pre-clip grad norm
         ask the guardian: continue | skip | roll back | abort
         apply (or skip) the optimizer step
-        log; checkpoint when due
+        record the step's metrics (rank 0, in the background); checkpoint when due
         rank 0: tell the guardian of checkpoints every rank has committed; retention keeps its target
 
 `raytrainer.train.ray_entry` builds a Trainer inside a Ray Train worker; tests build one in-process.
@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +25,9 @@ import torch
 from raytrainer.checkpoint.manager import CheckpointManager, TrainerState, all_ranks_agree
 from raytrainer.config import Config
 from raytrainer.fault.guardian import Decision, GuardianAbort
+from raytrainer.metrics.recorder import NullRecorder
 from raytrainer.train.engine import StepEngine, StepStats
-from raytrainer.train.metrics import Throughput
+from raytrainer.train.metrics import Throughput, perplexity
 
 log = logging.getLogger("raytrainer.train")
 
@@ -90,6 +90,7 @@ class WorkerEnv:
     registers_checkpoints: bool = False  # report() registers committed checkpoints (Ray Train)
     broadcast: Callable[[Any], Any] = lambda obj: obj  # rank 0's object to every rank
     agree: Callable[[bool], bool] = all_ranks_agree  # True everywhere only if True on every rank
+    announce: Callable[[dict], None] = lambda record: None  # rank 0's records to the driver's live view
     hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)  # fault-injection hooks (tests)
 
 
@@ -104,6 +105,8 @@ class Trainer:
         guardian: Guardian,
         injector: Any = None,
         watchdog: Any = None,
+        recorder: Any = None,
+        validation: Any = None,
     ):
         self.cfg = cfg
         self.env = env
@@ -113,22 +116,42 @@ class Trainer:
         self.guardian = guardian
         self.injector = injector
         self.watchdog = watchdog
+        self.recorder = recorder if recorder is not None and env.rank == 0 else NullRecorder()
+        self.validation = validation  # raytrainer.data.validation.ValidationBatches, when eval is on
         self.feed: Any = None
         self.history: list[dict] = []  # one record per step on this rank, for tests and reports
+        self.evals: list[dict] = []  # one record per evaluation
         self.last_checkpoint_time = time.monotonic()
         self.throughput = Throughput(cfg, env.world_size)
         self.start_step = 0
         self._last_step_end: float | None = None
         self._recent_rates: list[float] = []
         self._pin: int | None = None  # the guardian's current rollback target (rank 0)
+        self._last_entry: dict = {}  # the last step's metrics (a checkpoint keeps them)
+        self.tokens_seen = 0  # tokens of the updates in the model now (a rollback takes them back)
 
     # ------------------------------------------------------------------ the algorithm
 
     def fit(self) -> dict:
+        try:
+            result = self._fit()
+        except BaseException as e:
+            step = self.history[-1]["step"] + 1 if self.history else self.start_step
+            first_line = (str(e).splitlines() or [""])[0][:500]
+            if isinstance(e, GuardianAbort):
+                self.note("abort", step=step, reason=first_line)
+            else:
+                self.note("stopped", step=step, reason=f"{type(e).__name__}: {first_line}")
+            self.recorder.close(timeout_s=10.0)
+            raise
+        self.recorder.close()
+        return result
+
+    def _fit(self) -> dict:
         step = self.start_step = self.restore()
         if step >= self.cfg.train.steps and step > 0:
             if self.env.rank == 0:
-                log.info("run %s already finished at step %d (%s): nothing to do; raise train.steps to train "
+                log.warning("run %s already finished at step %d (%s): nothing to do; raise train.steps to train "
                          "further, or pick a new run.name for a new run", self.cfg.run.name, step,
                          self.checkpoints.store.step_url(step))
             self.checkpoints.finish()
@@ -139,6 +162,7 @@ class Trainer:
         self.checkpoints.settle()
         self.keep_books()
         self.checkpoints.finish()
+        self.note("finish", step=step, tokens_seen=self.tokens_seen)
         if self.env.registers_checkpoints:
             # Every rank reports, as at every log step; Ray registers the checkpoint only once all of them
             # are here, so after each rank has committed its part.
@@ -149,10 +173,12 @@ class Trainer:
     def train_step(self, step: int) -> int:
         """Run global step `step`; return the next step to run (smaller after a rollback)."""
         with self._watch(step):
+            t0 = time.perf_counter()
             micro_batches = self.feed.next_step()
+            data_wait = time.perf_counter() - t0
             if self.injector is not None:
                 micro_batches = self.injector.before_forward(step, micro_batches)
-            stats = self.engine.forward_backward(micro_batches, step)
+            stats = self.engine.forward_backward(micro_batches, step, data_wait_s=data_wait)
             decision = self.decide(step, stats)
 
         if decision.action == "abort":
@@ -162,6 +188,8 @@ class Trainer:
         applied = self.engine.apply(skip=decision.action == "skip", lr_factor=decision.lr_factor)
         self.record(step, stats, decision, applied)
         step += 1
+        if self.eval_due(step):
+            self.evaluate(step)
         if self.checkpoint_due(step):
             self.save(step)
             self._last_step_end = None  # a save's stall is measured by the checkpoint bench, not as a slow step
@@ -180,9 +208,14 @@ class Trainer:
             decision = self.guardian.decide(step, stats, self.feed.cursor(), lr=self.engine.current_lr,
                                             batch=self.feed.batch_index)
         decision = self.env.broadcast(decision)
-        if decision.action != "continue" and self.env.rank == 0:
-            log.warning("step %d: guardian says %s (%s)", step, decision.action, decision.reason)
+        if decision.action != "continue" and self.env.rank == 0:  # the driver's view prints it
+            log.info("step %d: guardian says %s (%s)", step, decision.action, decision.reason)
         return decision
+
+    def note(self, kind: str, **fields) -> None:
+        """Rank 0: a metrics record, on record and on its way to the driver's live view."""
+        if self.env.rank == 0:
+            self.env.announce(self.recorder.log(kind, **fields))
 
     def keep_books(self, pin: int | None = None) -> None:
         """Rank 0: checkpoints every rank has committed become rollback targets; retention then keeps the
@@ -193,6 +226,9 @@ class Trainer:
         committed = self.checkpoints.committed()
         for step in committed:
             self.guardian.on_checkpoint(step)
+            self.note("checkpoint", step=step, url=self.checkpoints.store.step_url(step))
+        if committed:  # what led up to a checkpoint is on record before a crash could lose it
+            self.recorder.flush()
         if committed:  # a newer checkpoint may now be the target: ask, so retention can let the old pin go
             self._pin = self.guardian.rollback_target()
         if committed or self._pin is not None:
@@ -202,7 +238,7 @@ class Trainer:
     def rollback(self, step: int, decision: Decision) -> int:
         target = decision.rollback_to
         if self.env.rank == 0:
-            log.warning("step %d: rolling back in place to checkpoint step %s, skipping global batches %s",
+            log.info("step %d: rolling back in place to checkpoint step %s, skipping global batches %s",
                         step, target, decision.skip_range)
         self.engine.zero_grad()
         self.checkpoints.wait()  # this rank's uploads are done: nothing is written behind the load
@@ -219,6 +255,9 @@ class Trainer:
         # Checkpoints after the one loaded belong to the abandoned branch: a later crash must not resume there.
         self.checkpoints.discard_after(state.step)
         self.feed = self.feed_factory(state.cursor)
+        self.tokens_seen = int(state.metrics.get("tokens_seen", 0))
+        self.note("rollback", step=step, to=state.step, abandoned=[state.step, step],
+                  skip=decision.skip_range, reason=decision.reason, intended=target)
         # The checkpoint's cursor predates ranges the guardian added since, so apply all of them.
         for start, end in decision.skip_ranges or ([decision.skip_range] if decision.skip_range else []):
             self.feed.skip_batches(start, end)
@@ -238,6 +277,9 @@ class Trainer:
                 self.guardian.checkpoints_exist(self.checkpoints.complete_steps())
             self.feed = self.feed_factory(state.cursor)
             step = state.step
+            self.tokens_seen = int(state.metrics.get("tokens_seen", 0))
+        self.note("resume" if state else "start", step=step, world_size=self.env.world_size,
+                  steps=self.cfg.train.steps, checkpoint=self.checkpoints.store.step_url(step) if state else None)
         # The live guardian may know of skipped windows newer than the checkpoint (a rollback, then a
         # crash before the next save): every rank applies them, so no restart replays a skipped window.
         ranges = self.env.broadcast(self.guardian.skipped_ranges() if self.env.rank == 0 else None)
@@ -245,6 +287,22 @@ class Trainer:
             self.feed.skip_batches(start, end)
         log.info("rank %d: %s at step %d", self.env.rank, "resumed" if state else "starting fresh", step)
         return step
+
+    def eval_due(self, step: int) -> bool:
+        every = self.cfg.eval.every_steps
+        return self.validation is not None and every is not None and (
+            step % every == 0 or step == self.cfg.train.steps)
+
+    def evaluate(self, step: int) -> dict:
+        """Validation loss of the model after `step` steps, on the same tokens at every evaluation."""
+        t0 = time.perf_counter()
+        loss, tokens = self.engine.evaluate(self.validation.batches)
+        record = {"step": step, "val_loss": loss, "val_perplexity": perplexity(loss), "tokens": tokens,
+                  "time_s": time.perf_counter() - t0}
+        self.note("eval", **record)
+        self.evals.append(record)
+        self._last_step_end = None  # an evaluation is not part of the next step's time
+        return record
 
     def checkpoint_due(self, step: int) -> bool:
         ck = self.cfg.checkpoint
@@ -265,7 +323,7 @@ class Trainer:
             step=step,
             cursor=self.feed.cursor(),
             guardian=self.guardian.state_dict() if self.env.rank == 0 else {},
-            metrics=self.history[-1] if self.history else {},
+            metrics=self._last_entry,
         )
         self.checkpoints.save(state, self.engine, final=final)
         self.last_checkpoint_time = time.monotonic()
@@ -278,23 +336,39 @@ class Trainer:
         rate = self.throughput.update(stats.tokens, wall, seq_len=stats.seq_len)
         self._recent_rates = (self._recent_rates + [rate.get("tokens_per_s", 0.0)])[-20:]
         rate["median_tokens_per_s"] = sorted(self._recent_rates)[len(self._recent_rates) // 2]
+        if applied:
+            self.tokens_seen += stats.tokens
+        busy = stats.metrics.get("rank_busy_s") or [stats.time_s]
+        waits = stats.metrics.get("rank_data_wait_s") or [0.0]
         entry = {
             "step": step,
             "loss": stats.loss,
+            "perplexity": perplexity(stats.loss),
             "grad_norm": stats.grad_norm,
             "lr": self.engine.current_lr,
             "tokens": stats.tokens,
+            "tokens_seen": self.tokens_seen,
+            "seq_len": stats.seq_len,
             "action": decision.action,
+            "reason": decision.reason if decision.action != "continue" else None,
             "applied": applied,
             "start_step": self.start_step,  # where this attempt began: shows resumes in reports
+            "data_wait_s": waits[self.env.rank] if self.env.rank < len(waits) else waits[0],
+            "data_wait_max_s": max(waits),
+            # Every rank's data wait + forward + backward: the spread is how long the fastest waited.
+            "step_time_spread_s": max(busy) - min(busy),
+            "slowest_rank": max(range(len(busy)), key=busy.__getitem__),
+            "flops": stats.tokens * self.throughput.flops_per_token(stats.seq_len),
             **rate,
         }
+        self._last_entry = entry
         self.history.append(entry)
+        self.note("step", **entry)
         if step % self.cfg.train.log_every == 0 or decision.action != "continue" or step == self.cfg.train.steps - 1:
             if self.env.rank == 0:
                 log.info(
                     "step %5d/%d  loss %.4f  ppl %.1f  gnorm %.3f  lr %.2e  tok/s %.0f  mfu %.1f%%%s",
-                    step, self.cfg.train.steps, stats.loss, _ppl(stats.loss), stats.grad_norm,
+                    step, self.cfg.train.steps, stats.loss, entry["perplexity"], stats.grad_norm,
                     entry["lr"], rate.get("tokens_per_s", 0.0), 100 * rate.get("mfu", 0.0),
                     "" if decision.action == "continue" else f"  [{decision.action}: {decision.reason}]",
                 )
@@ -307,10 +381,6 @@ class Trainer:
         if self.watchdog is None:
             return _nullcontext()
         return self.watchdog.step(step)
-
-
-def _ppl(loss: float) -> float:
-    return math.exp(min(loss, 30.0)) if math.isfinite(loss) else float("nan")
 
 
 class _nullcontext:

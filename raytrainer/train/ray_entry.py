@@ -46,6 +46,16 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
         return DataFeed(cfg, cfg.data.path, env.rank, env.world_size, cursor=cursor)
 
     injector = FaultInjector(cfg, env.rank, hooks=env.hooks, model=strategy.model) if cfg.faults else None
+    validation = None
+    if cfg.eval.every_steps is not None:
+        from raytrainer.data.validation import ValidationBatches
+
+        validation = ValidationBatches(cfg, env.rank, env.world_size)
+    recorder = None
+    if env.rank == 0:
+        from raytrainer.metrics.setup import open_recorder
+
+        recorder = open_recorder(cfg)
     watchdog = StepWatchdog(cfg.guardian.step_timeout_s, env.rank) if cfg.guardian.enabled else None
     return Trainer(
         cfg,
@@ -56,7 +66,21 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
         guardian or NoGuardian(),
         injector=injector,
         watchdog=watchdog,
+        recorder=recorder,
+        validation=validation,
     )
+
+
+def quiet_worker_logs(verbose: bool) -> None:
+    """The driver speaks for the run (its live view draws what rank 0 announces): workers print only
+    warnings and errors, theirs and Ray's, unless run.verbose is set."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("raytrainer").setLevel(level)
+    if not verbose:
+        # Ray Train logs every report (a barrier) at INFO, and Ray Data warns that progress bars are off.
+        for name in ("ray.train", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def train_fn(loop_config: dict, secrets: SecretStr | None = None) -> None:
@@ -64,9 +88,9 @@ def train_fn(loop_config: dict, secrets: SecretStr | None = None) -> None:
     `secret_values`, bound by the driver) puts the credentials back."""
     import ray.train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     values = json.loads(secrets.get_secret_value()) if secrets is not None else {}
     cfg = Config.model_validate(with_secrets(loop_config["config"], values))
+    quiet_worker_logs(cfg.run.verbose)
     ctx = ray.train.get_context()
     set_worker_threads(cfg, ctx.get_local_world_size())
     device = torch.device("cuda", ctx.get_local_rank()) if cfg.parallel.use_gpu else torch.device("cpu")
@@ -86,13 +110,20 @@ def train_fn(loop_config: dict, secrets: SecretStr | None = None) -> None:
             ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(pointer),
                              checkpoint_dir_name=registered_dir_name(checkpoint_step))
 
+    from raytrainer.live.monitor import ForwardToDriver, announcer
+
+    rank = ctx.get_world_rank()
+    announce = announcer(cfg.run.name)
+    if announce is not None and not cfg.run.verbose:
+        logging.getLogger().addHandler(ForwardToDriver(announce, rank))
     env = WorkerEnv(
-        rank=ctx.get_world_rank(),
+        rank=rank,
         world_size=ctx.get_world_size(),
         report=report,
         broadcast=broadcast_from_rank0,
         agree=all_ranks_agree,
         registers_checkpoints=True,
+        **({"announce": announce} if announce is not None and rank == 0 else {}),
     )
     registered = read_pointer(ray.train.get_checkpoint())
     if registered is not None and env.rank == 0:

@@ -8,6 +8,7 @@
     strategy.clip_grad_norm(max_norm) -> pre-clip global norm
     strategy.optimizer_step(); strategy.zero_grad()
     strategy.all_reduce_sum(x)       a float summed over ranks
+    strategy.all_gather_floats(xs)   every rank's list of floats, in rank order
     strategy.save(dir, extra) / strategy.load(dir, saved_world_size, extra)
     strategy.files_for_rank(dir, names, saved_world_size, extra)   the files load reads on this rank, once
                                      strategy.checkpoint_index_files are in dir
@@ -123,6 +124,15 @@ class Strategy:
         t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(t)
         return float(t.item())
+
+    def all_gather_floats(self, values: list[float]) -> list[list[float]]:
+        """Every rank's `values` (same length everywhere), in rank order."""
+        if not distributed():
+            return [[float(v) for v in values]]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._comm_device())
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, t)
+        return [o.tolist() for o in out]
 
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -1,0 +1,107 @@
+"""The run's monitor: a Ray actor the job driver owns, holding the records rank 0 announces.
+
+Rank 0 sends each record without waiting (one fire-and-forget call per step); the driver takes what is new
+twice a second. Owned by the driver like the guardian, it outlives worker-group restarts and dies with the
+job. Only the newest `keep` records are held: the metrics files are the record, this is the view.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("raytrainer.live")
+
+NAMESPACE = "raytrainer"
+_OWNED: dict[str, Any] = {}
+
+
+def monitor_name(run_name: str) -> str:
+    return f"monitor:{run_name}"
+
+
+class RunMonitor:
+    def __init__(self, keep: int = 10_000):
+        self.records: list[dict] = []
+        self.first = 0  # the index of records[0] among everything ever announced
+        self.keep = keep
+
+    def push(self, record: dict) -> None:
+        self.records.append(record)
+        if len(self.records) > self.keep:
+            drop = len(self.records) - self.keep
+            del self.records[:drop]
+            self.first += drop
+
+    def take(self, after: int) -> tuple[list[dict], int]:
+        """Records announced after the first `after` ones (those dropped meanwhile are skipped), and the
+        new count."""
+        if after > self.first + len(self.records):  # this actor was restarted: everything it has is new
+            after = self.first
+        start = max(after - self.first, 0)
+        return self.records[start:], self.first + len(self.records)
+
+
+def start_monitor(run_name: str) -> Any:
+    """From the driver, before fit(): the actor rank 0 announces to."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    actor = (
+        ray.remote(RunMonitor)
+        .options(name=monitor_name(run_name), namespace=NAMESPACE, get_if_exists=True, lifetime=None, num_cpus=0,
+                 max_restarts=3, scheduling_strategy=NodeAffinitySchedulingStrategy(
+                     ray.get_runtime_context().get_node_id(), soft=True))
+        .remote()
+    )
+    _OWNED[monitor_name(run_name)] = actor
+    return actor
+
+
+def stop_monitor(run_name: str) -> None:
+    import ray
+
+    actor = _OWNED.pop(monitor_name(run_name), None)
+    if actor is not None:
+        ray.kill(actor)
+
+
+class ForwardToDriver(logging.Handler):
+    """Sends this worker's warnings and errors to the driver's view (with its rank): with Ray's per-process
+    log streaming off, this is how a rank's warning reaches the person."""
+
+    def __init__(self, announce, rank: int):
+        super().__init__(logging.WARNING)
+        self.announce = announce
+        self.rank = rank
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.announce({"kind": "log", "rank": self.rank, "level": record.levelname, "logger": record.name,
+                           "message": record.getMessage()})
+        except Exception:  # a log line must never fail the step that logged it
+            pass
+
+
+def announcer(run_name: str):
+    """Rank 0's side: a callable that sends a record to the monitor without waiting, or None when the job has
+    no monitor (a worker started outside `raytrainer.launch`)."""
+    import ray
+
+    try:
+        actor = ray.get_actor(monitor_name(run_name), namespace=NAMESPACE)
+    except ValueError:
+        return None
+    broken: list[bool] = []
+
+    def announce(record: dict) -> None:
+        if broken:
+            return
+        try:
+            actor.push.remote(record)
+        except Exception as e:  # the view is not worth a failed step
+            broken.append(True)
+            log.warning("live view: cannot reach the run's monitor (%s: %s); the driver's progress stops here, "
+                        "the metrics files go on", type(e).__name__, e)
+
+    return announce
