@@ -32,3 +32,14 @@ def s3_url(s3_server, request) -> str:
         s3_server.start()
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60]
     return s3_server.url("tests", f"{name}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on one torch thread: the two cores are shared with whatever else runs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -36,10 +36,10 @@ def test_the_default_job_prints_at_most_40_lines_all_of_them_ours(tmp_path):
     assert chatter == [], "\n".join(lines)
     checkpoints = [line for line in lines if line.startswith("checkpoint at step")]
     assert [line.split()[3] for line in checkpoints] == ["25", "50", "75", "100"]
-    steps = [line for line in lines if line.startswith("step ") and " loss " in line]
+    steps = [line for line in lines if line.startswith("step ") and "  loss " in line]
     assert [line.split()[1] for line in steps] == [f"{s}/100" for s in (*range(0, 100, 10), 99)]
     assert sum(" val loss " in line for line in lines) == 4
-    assert lines[-1].startswith("done: tiny at step 100")
+    assert done.stdout.splitlines()[-1].startswith("done: tiny at step 100")  # stderr holds the log lines
     run = tmp_path / "runs" / "tiny"
     assert list((run / "metrics").glob("*.jsonl")) and list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "report" / "report.html").stat().st_size > 20_000

@@ -19,18 +19,12 @@ from raytrainer.train.loop import WorkerEnv
 from raytrainer.train.ray_entry import build_trainer
 from runs import make_dataset, micro_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("metrics-data"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_metrics_survive_a_crash_and_resume(dataset, tmp_path):

@@ -30,8 +30,13 @@ def test_ray_tokenises_to_the_same_shards_and_reports_bad_inputs(tmp_path, ray_s
                              num_workers=2)
     assert [(s.path, s.sha256) for s in on_ray.manifest.shards] == [(s.path, s.sha256)
                                                                     for s in local.manifest.shards]
-    assert on_ray.manifest.sources == local.manifest.sources
+    # The validation holdout is decided by each document's tokens, so Ray's workers make the same split.
+    assert [(s.path, s.sha256) for s in on_ray.manifest.validation] == [(s.path, s.sha256)
+                                                                        for s in local.manifest.validation]
+    assert on_ray.manifest.validation and on_ray.manifest.sources == local.manifest.sources
     docs = {k: v["docs"] for k, v in on_ray.manifest.sources.items()}
+    for v in on_ray.manifest.validation:
+        docs[v.source] += v.num_docs
     assert docs == {k: len(v) for k, v in expected.items()}
 
     bad = tmp_path / "bad.jsonl"

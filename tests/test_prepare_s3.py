@@ -24,14 +24,16 @@ def test_prepare_to_s3_keeps_shards_and_validates(s3_server, s3_url, tmp_path):
 
     result = prepare_dataset(s3_inputs, out, "byte", shard_tokens=1000, s3=s3, use_ray=False)
     local = prepare_dataset(inputs, str(tmp_path / "local"), "byte", shard_tokens=1000, use_ray=False)
-    assert [(s.path, s.sha256) for s in result.manifest.shards] == [(s.path, s.sha256)
-                                                                    for s in local.manifest.shards]
+    every = result.manifest.shards + result.manifest.validation
+    assert result.manifest.validation
+    assert [(s.path, s.sha256) for s in every] == [(s.path, s.sha256)
+                                                   for s in local.manifest.shards + local.manifest.validation]
     files = storage.list_files("ds")
     assert "manifest.json" in files and STATE_NAME not in files
-    assert all(files[s.path] == s.bytes for s in result.manifest.shards)
+    assert all(files[s.path] == s.bytes for s in every)
 
     report = validate_dataset(out, load_tokenizer("byte").identity(), check_sha256=True, s3=s3)
     assert report.ok and report.checked == len(result.manifest.shards)
     assert prepare_dataset(s3_inputs, out, "byte", shard_tokens=1000, s3=s3, use_ray=False).up_to_date
     forced = prepare_dataset(s3_inputs, out, "byte", shard_tokens=1000, s3=s3, use_ray=False, force=True)
-    assert forced.written == [] and len(forced.kept) == len(result.manifest.shards)
+    assert forced.written == [] and len(forced.kept) == len(every)

@@ -118,8 +118,7 @@ def test_a_dataset_without_a_validation_split_is_a_clear_error(tmp_path):
     assert ValidationBatches(cfg).tokens > 0
 
 
-def test_validation_loss_falls_and_is_on_record(dataset, tmp_path):
-    torch.set_num_threads(1)
+def test_validation_loss_falls_and_is_on_record(dataset, tmp_path, one_thread):
     cfg = micro_config(dataset, str(tmp_path), name="val", steps=40, extra=["eval.every_steps=10", "eval.batches=4"])
     trainer = build_trainer(cfg, WorkerEnv(), torch.device("cpu"), guardian=Guardian(cfg.guardian))
     params_before = [p.detach().clone() for p in trainer.engine.model.parameters()]
