@@ -17,7 +17,8 @@ import ray
 from raytrainer.checkpoint import CheckpointStore
 from raytrainer.config import ConfigError
 from raytrainer.fault.events import RunStore, read_events
-from raytrainer.storage import StorageError
+from raytrainer.metrics import read_history
+from raytrainer.storage import StorageError, open_storage
 from runs import make_dataset, micro_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +67,12 @@ def test_s3_checkpoints_survive_a_crash_a_hang_and_a_resubmission(dataset, s3_se
     # step 10 only if rank 0 reported between its commit and the crash.
     assert first["ray_checkpoint_step"] == 20 and 20 in first["ray_checkpoint_steps"]
     assert set(first["ray_checkpoint_steps"]) <= {10, 20}
+    # The metrics on object storage (one object per flush): every step once, across the crash.
+    history = read_history(open_storage(s3_url, s3_server.s3_config()).child("s3run"))
+    assert [r["step"] for r in history.steps] == list(range(20))
+    events = [(e["kind"], e.get("step"), e.get("attempt"), e.get("reason")) for e in history.events]
+    assert [e["step"] for e in history.of_kind("resume")] == [10] and len(history.attempts) == 2, events
+    assert {r["step"] for r in history.abandoned} <= set(range(10, 13))
     ray.shutdown()
 
     faults = "faults=[{step: 12, kind: crash, rank: 1}, {step: 24, kind: hang, rank: 0}]"

@@ -31,6 +31,8 @@ from raytrainer.train.metrics import Throughput, perplexity
 
 log = logging.getLogger("raytrainer.train")
 
+METRICS_FLUSH_AT_SAVE_S = 5.0
+
 
 class Guardian(Protocol):
     def decide(self, step: int, stats: StepStats, cursor: dict, *, lr: float | None = None,
@@ -319,6 +321,10 @@ class Trainer:
     def save(self, step: int, final: bool = False) -> None:
         if self.env.rank == 0:
             self.guardian.on_checkpoint_staged(step)
+            # The metrics of every step before a checkpoint are on storage before it can be resumed from, so a
+            # crash loses only steps that will be trained again. Bounded: a sick store costs a warning, not
+            # a stalled run.
+            self.recorder.flush(timeout_s=METRICS_FLUSH_AT_SAVE_S)
         state = TrainerState(
             step=step,
             cursor=self.feed.cursor(),
