@@ -36,7 +36,7 @@ def test_metrics_survive_a_crash_and_resume(dataset, tmp_path):
         first.keep_books()
     first.checkpoints.wait()
     first.keep_books()
-    assert first.recorder.flush(timeout_s=30)  # what the flush at the step-20 commit had written
+    assert first.recorder.flush(timeout_s=30)  # as the flush before the step-20 save had written
     # The process dies here: no close(), no final records.
     second = build_trainer(cfg, WorkerEnv(), torch.device("cpu"), guardian=Guardian(cfg.guardian))
     assert second.fit()["step"] == 30

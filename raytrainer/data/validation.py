@@ -34,6 +34,7 @@ class ValidationPlan:
     batches: int  # what the split holds, at most eval.batches
     tokens: int  # real (not padding) tokens in those rows
     segments: np.ndarray
+    spec: ReadSpec
 
 
 def plan_validation(cfg: Config, manifest_dir: str | None = None, *, warn: bool = True) -> ValidationPlan:
@@ -75,7 +76,7 @@ def plan_validation(cfg: Config, manifest_dir: str | None = None, *, warn: bool 
         log.warning("validation: %s holds %d tokens, enough for %d of eval.batches=%d batches of %d rows x %d; "
                     "every evaluation uses those %d (hold out more with a larger --val-fraction)", where,
                     tokens, batches, cfg.eval.batches, rows_per_batch, seq_len, batches)
-    return ValidationPlan(dataset, spec.shard_paths, seq_len, rows_per_batch, batches, tokens, segments)
+    return ValidationPlan(dataset, spec.shard_paths, seq_len, rows_per_batch, batches, tokens, segments, spec)
 
 
 def _spec(cfg: Config, dataset: str, manifest: Manifest, paths: tuple[str, ...]) -> ReadSpec:
@@ -91,8 +92,7 @@ class ValidationBatches:
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, manifest_dir: str | None = None):
         self.plan = plan_validation(cfg, manifest_dir, warn=rank == 0)
         plan = self.plan
-        manifest = Manifest.load(plan.dataset, cfg.data.s3)
-        spec = _spec(cfg, plan.dataset, manifest, plan.shard_paths)
+        spec = plan.spec
         load = doc_loader(spec)
         per_rank = math.ceil(plan.rows_per_batch / world_size)
         accumulation = math.ceil(per_rank / cfg.train.micro_batch_size)

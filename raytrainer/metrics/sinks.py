@@ -54,10 +54,6 @@ class JsonlSink:
         self.attempt = attempt
         self._seq = 0
 
-    @property
-    def location(self) -> str:
-        return self.storage.uri(f"{self.attempt}.jsonl" if self.storage.is_local else f"{self.attempt}.*.jsonl")
-
     def write(self, records: list[dict]) -> None:
         if not records:
             return
@@ -116,13 +112,7 @@ class TensorBoardSink:
         self._seq += 1
 
     def _events(self, record: dict) -> list[Any]:
-        kind = record.get("kind")
-        keys = {"step": STEP_SCALARS, "eval": EVAL_SCALARS}.get(kind)
-        if keys is None:
-            return []
-        prefix = "train/" if kind == "step" else "val/"
-        values = [self._summary_pb2.Summary.Value(tag=prefix + k.removeprefix("val_"), simple_value=float(record[k]))
-                  for k in keys if isinstance(record.get(k), int | float) and math.isfinite(record[k])]
+        values = [self._summary_pb2.Summary.Value(tag=tag, simple_value=v) for tag, v in _scalars(record).items()]
         if not values:
             return []
         return [self._event_pb2.Event(wall_time=record.get("time", time.time()), step=int(record["step"]),

@@ -229,8 +229,6 @@ class Trainer:
         for step in committed:
             self.guardian.on_checkpoint(step)
             self.note("checkpoint", step=step, url=self.checkpoints.store.step_url(step))
-        if committed:  # what led up to a checkpoint is on record before a crash could lose it
-            self.recorder.flush()
         if committed:  # a newer checkpoint may now be the target: ask, so retention can let the old pin go
             self._pin = self.guardian.rollback_target()
         if committed or self._pin is not None:
