@@ -334,29 +334,45 @@ class CheckpointConfig(Section):
 
 
 class GuardianConfig(Section):
+    """Detector levels are calibrated on organic spikes: bench/organic_spikes.py, see raytrainer.fault.detectors."""
+
     enabled: bool = True
     warmup_exempt_steps: int = Field(20, ge=0)
-    spike_factor: float = Field(3.0, gt=1)  # loss > factor * running mean
-    spike_zscore: float = Field(6.0, gt=0)
-    window: int = Field(128, gt=1)
-    min_window: int = Field(16, gt=1)  # z-scores need this many healthy steps first
+    baseline_window: int = Field(32, gt=2)  # healthy steps whose median is the baseline
+    min_window: int = Field(16, gt=1)  # spike tests need this many healthy steps first
+    spike_ratio: float = Field(2.0, gt=1)  # loss > ratio x baseline: a spike whatever the noise
+    spike_zscore: float = Field(6.0, gt=0)  # ... or this many noise-sigmas above the baseline,
+    spike_min_rise: float = Field(0.3, ge=0)  # ... and at least this fraction above it
+    healthy_rise: float = Field(0.15, ge=0)  # a loss within this fraction of the baseline is at baseline
+    window: int = Field(128, gt=1)  # steps over which anomalies are counted towards a rollback
     grad_norm_max: float = Field(10.0, gt=0)
-    grad_norm_zscore: float = Field(6.0, gt=0)
+    grad_norm_zscore: float = Field(6.0, gt=0)  # sigmas of log norm over `window` healthy steps
     divergence_steps: int = Field(50, gt=0)  # loss above baseline for this many consecutive steps
     divergence_margin: float = Field(0.5, ge=0)  # in loss units above the healthy baseline
     skips_before_rollback: int = Field(3, ge=0)  # anomalies within `window` before a skip turns into a rollback
     rollback_skip_batches: int = Field(8, ge=0)  # global batches skipped past the anomaly on rollback
     rollback_skip_before: int = Field(0, ge=0)  # also skip this many batches before the first anomalous one
-    zscore_min_rel_std: float = Field(0.01, ge=0)  # sigma floor as a fraction of the running mean (quiet curves)
+    zscore_min_rel_std: float = Field(0.01, ge=0)  # sigma floor as a fraction of the baseline (quiet curves)
     cooldown_lr_factor: float = Field(1.0, gt=0, le=1)
     cooldown_steps: int = Field(0, ge=0)
     max_rollbacks: int = Field(3, ge=0)
     step_timeout_s: float = Field(600.0, gt=0)
+    rerun: bool = True  # recompute an anomalous step before deciding: tells the data from the hardware
+    rerun_tolerance: float = Field(1e-3, ge=0)  # relative: rerun values this close are the same result
+    suspect_node_limit: int = Field(2, ge=0)  # transient faults on one node before it is excluded (0: never)
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> GuardianConfig:
+        if self.min_window > self.baseline_window:
+            raise ValueError(f"guardian.min_window={self.min_window} must be <= guardian.baseline_window="
+                             f"{self.baseline_window}: the baseline never holds that many steps")
+        return self
 
 
 class FaultInjection(Section):
     step: int = Field(ge=0)
-    kind: Literal["nan_loss", "loss_spike", "shuffle_labels", "grad_explode", "crash", "hang", "s3_outage"]
+    kind: Literal["nan_loss", "loss_spike", "shuffle_labels", "grad_explode", "grad_bitflip", "crash", "hang",
+                  "s3_outage"]
     rank: int = 0
     scale: float = 1000.0  # grad_explode: loss multiplier
     once: bool = True  # fire only the first time the step is reached (not again after a rollback)

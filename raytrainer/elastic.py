@@ -20,6 +20,9 @@ controller tries again with the right size.
   (parallel.worker_start_timeout_s); a restart or resize waits parallel.worker_restart_timeout_s, after
   which the size is chosen again from the nodes still there, so a wrong guess costs seconds, not minutes.
 
+The nodes the run's guardian excluded after repeated transient faults (`GuardianClient.excluded_nodes`)
+are left out the same way, for the rest of the run.
+
 `NodeLossAwareTorchTrainer` is a TorchTrainer that hands this policy to the controller for elastic runs.
 """
 
@@ -87,8 +90,9 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
     """
 
     def __init__(self, scaling_config: ScalingConfig, first_start_timeout_s: float, restart_timeout_s: float,
-                 probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S):
+                 probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S, run_name: str | None = None):
         super().__init__(scaling_config)
+        self.run_name = run_name  # whose guardian names the nodes to leave out
         self.first_start_timeout_s = first_start_timeout_s
         # A restart never waits longer than a first start would.
         self.restart_timeout_s = min(restart_timeout_s, first_start_timeout_s)
@@ -112,12 +116,26 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
             log.warning("could not list the cluster's nodes; sizing the worker group from Ray's reservations",
                         exc_info=True)
             return super()._count_possible_workers(reserved_resources)
+        excluded = self.excluded_nodes() & set(reserved_resources)
+        live -= excluded
         lost = set(reserved_resources) - live
         if lost - self.lost_nodes:
-            log.warning("node(s) %s are gone (dead in the GCS or their raylet does not answer); sizing the "
-                        "worker group without them", ", ".join(sorted(lost - self.lost_nodes)))
+            log.warning("node(s) %s are gone or excluded by the guardian; sizing the worker group without them",
+                        ", ".join(sorted(lost - self.lost_nodes)))
         self.lost_nodes = lost
         return super()._count_possible_workers({n: r for n, r in reserved_resources.items() if n in live})
+
+    def excluded_nodes(self) -> set[str]:
+        """The nodes the run's guardian excluded (none when it cannot be asked: the run must go on)."""
+        if self.run_name is None:
+            return set()
+        from raytrainer.fault.guardian_actor import NAMESPACE, actor_name
+
+        try:
+            actor = ray.get_actor(actor_name(self.run_name), namespace=NAMESPACE)
+            return set(ray.get(actor.excluded_nodes.remote(), timeout=10))
+        except Exception:  # no guardian (guardian.enabled=false), or it is restarting
+            return set()
 
     def on_controller_start_worker_group(self, *, scaling_config: ScalingConfig,
                                          num_workers: int) -> dict[str, str] | None:
@@ -148,13 +166,16 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
 class NodeLossAwareTorchTrainer(TorchTrainer):
     """A TorchTrainer whose elastic runs use NodeLossAwareElasticPolicy; fixed-size runs are unchanged."""
 
-    def __init__(self, *args: Any, first_start_timeout_s: float, restart_timeout_s: float, **kwargs: Any):
+    def __init__(self, *args: Any, first_start_timeout_s: float, restart_timeout_s: float,
+                 run_name: str | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.first_start_timeout_s = first_start_timeout_s
         self.restart_timeout_s = restart_timeout_s
+        self.run_name = run_name
 
     def make_scaling_policy(self) -> NodeLossAwareElasticPolicy:
-        return NodeLossAwareElasticPolicy(self.scaling_config, self.first_start_timeout_s, self.restart_timeout_s)
+        return NodeLossAwareElasticPolicy(self.scaling_config, self.first_start_timeout_s, self.restart_timeout_s,
+                                          run_name=self.run_name)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Result:
         # DataParallelTrainer.fit builds Ray's policy and passes it here, on its way to the controller actor.

@@ -26,7 +26,10 @@ def drive(g: Guardian, steps, spikes=(), checkpoints=()) -> dict[int, Decision]:
     Stops at the first rollback or abort."""
     decisions = {}
     for s in steps:
-        decisions[s] = d = g.decide(s, stats(s, spike=s in spikes), cursor={"batch": s})
+        numbers = stats(s, spike=s in spikes)
+        decisions[s] = d = g.decide(s, numbers, cursor={"batch": s})
+        if d.action == "rerun":  # as the loop does: the same numbers again, so the spike reproduces
+            decisions[s] = d = g.decide(s, numbers, cursor={"batch": s}, rerun=numbers)
         if d.action in ("rollback", "abort"):
             break
         if s + 1 in checkpoints:
@@ -39,7 +42,8 @@ def actions(decisions: dict[int, Decision]) -> dict[int, str]:
 
 
 def make(**overrides) -> Guardian:
-    return Guardian(GuardianConfig(**overrides), run_name="test")
+    """The policy after a rerun has reproduced the step (reruns have tests of their own)."""
+    return Guardian(GuardianConfig(**{"rerun": False, **overrides}), run_name="test")
 
 
 def test_healthy_run_only_continues():
@@ -79,7 +83,7 @@ def test_more_anomalies_than_allowed_within_the_window_roll_back_but_spread_out_
 
 
 def test_divergence_rolls_back_directly():
-    g = make(divergence_steps=20, divergence_margin=0.5, spike_zscore=1000.0, spike_factor=100.0)
+    g = make(divergence_steps=20, divergence_margin=0.5, spike_zscore=1000.0, spike_ratio=100.0)
     drive(g, range(200), checkpoints=(100, 180))
     decisions = {}
     for s in range(200, 260):
@@ -206,6 +210,7 @@ def test_events_record_every_decision_with_its_reason():
     skip, rollback = events[1], events[2]
     assert skip["run"] == "run-a" and skip["time"] == 1000.0 and skip["loss"] == 9.0
     assert skip["findings"][0]["kind"] == "loss_spike" and "skipped" in skip["reason"]
+    assert skip["rerun"] == rollback["rerun"] == "reproduced"
     assert skip["cursor"] == {"batch": 120} and skip["lr"] == 1e-3 and skip["tokens"] == 8192
     assert rollback["rollback_to"] == 100 and rollback["skip_range"] == [120, 130]
     assert [e["seq"] for e in events] == [1, 2, 3]
@@ -215,7 +220,7 @@ def test_events_record_every_decision_with_its_reason():
 
 def test_nan_values_in_events_are_json_safe():
     events = []
-    g = Guardian(GuardianConfig(), on_event=events.append)
+    g = Guardian(GuardianConfig(rerun=False), on_event=events.append)
     g.decide(0, {"loss": math.nan, "grad_norm": math.inf})
     assert events[0]["loss"] == "nan" and events[0]["grad_norm"] == "inf"
     json.dumps(g.state_dict(), allow_nan=False)

@@ -32,7 +32,10 @@ def test_guardian_actor_round_trip_from_a_worker(tmp_path):
             out = []
             for step in range(60):
                 loss = math.nan if step in (40, 45) else 3.0 + 0.01 * (step % 3)
-                decision = client.decide(step, {"loss": loss, "grad_norm": 1.0}, {"batch": step})
+                numbers = {"loss": loss, "grad_norm": 1.0}
+                decision = client.decide(step, numbers, {"batch": step})
+                if decision.action == "rerun":  # as the loop does: the same numbers again, so reproduced
+                    decision = client.decide(step, numbers, {"batch": step}, rerun=numbers)
                 out.append((step, decision.action, decision.rollback_to, decision.skip_range))
                 if decision.action == "rollback":
                     break

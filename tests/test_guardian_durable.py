@@ -18,7 +18,7 @@ from raytrainer.fault.guardian_actor import GuardianActor, read_guardian_state
 from runs import make_dataset, micro_config
 
 GUARDIAN = GuardianConfig(warmup_exempt_steps=0, min_window=4, window=16, skips_before_rollback=1,
-                          rollback_skip_batches=2, max_rollbacks=1)
+                          rollback_skip_batches=2, max_rollbacks=1, rerun=False)
 
 
 class CountingStore(MemoryStore):

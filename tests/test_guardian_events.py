@@ -77,7 +77,7 @@ def test_guardian_decisions_reach_the_log(tmp_path):
 
     store = RunStore.local(tmp_path)
     log = EventLog(store)
-    g = Guardian(GuardianConfig(), run_name="r", on_event=log.append)
+    g = Guardian(GuardianConfig(rerun=False), run_name="r", on_event=log.append)
     g.decide(0, {"loss": float("nan"), "grad_norm": 1.0})
     (event,) = read_events(store)
     assert event["event"] == "skip" and event["run"] == "r" and "non-finite" in event["reason"]

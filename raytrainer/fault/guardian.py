@@ -3,6 +3,8 @@
 The training loop reports every step before the optimizer step is applied and acts on the answer::
 
     decision = guardian.decide(step, stats, cursor)      # stats: .loss, .grad_norm (pre-clip), .finite, ...
+    rerun    -> recompute the step (same micro-batches, parameters and RNG state), then report both:
+                decision = guardian.decide(step, stats, cursor, rerun=stats2); it is never "rerun" again
     continue -> apply the update (with decision.lr_factor)
     skip     -> do not apply it; the batch is recorded and never replayed
     rollback -> every rank reloads checkpoint decision.rollback_to in place, rebuilds the data feed from its
@@ -15,8 +17,17 @@ The training loop reports every step before the optimizer step is applied and ac
 
 Policy
 ------
-Detection is in `raytrainer.fault.detectors` (non-finite, loss spike, grad-norm spike, divergence). A step
-with any finding is an *anomaly*; its update is never applied.
+Detection is in `raytrainer.fault.detectors` (non-finite, loss spike, grad-norm spike, divergence, ranks
+whose gradient norms disagree). A step with any finding is an *anomaly*; its update is never applied.
+
+0. **Rerun first** (`rerun`, on by default). A step that looks anomalous (anything but divergence) is
+   recomputed before anything is decided; healthy steps cost nothing. The same loss and grad norm again
+   (within `rerun_tolerance`, relative) -> the cause is the data or the model's state: go on with 1-3.
+   Different -> a transient fault: the ranks whose summed loss or grad norm moved between the two runs are
+   named, with their nodes, in a `suspect_hardware` event; the rerun's values are judged instead (its
+   gradients are the ones held now), so a clean rerun is applied. After `suspect_node_limit` such events on
+   one node, the decision names it in `exclude_nodes`: the loop checkpoints, and the worker group is
+   restarted without it.
 
 1. **Skip.** An anomaly is skipped: no optimizer step, the batch is recorded (event log, state, and the
    list of skipped batches, so no restart or rollback replays it). A non-finite loss or grad is always at
@@ -70,10 +81,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raytrainer.config import GuardianConfig
-from raytrainer.fault.detectors import DIVERGENCE, Detectors, Finding
+from raytrainer.fault.detectors import DIVERGENCE, Detectors, Finding, check_ranks_agree
 
-STATE_VERSION = 1
-ACTIONS = ("continue", "skip", "rollback", "abort")
+STATE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before elevated checkpoints and reruns; its missing keys default
+ACTIONS = ("continue", "skip", "rollback", "abort", "rerun")
 _MAX_CHECKPOINTS = 64  # checkpoints remembered as rollback targets
 _MAX_EVENTS_IN_STATE = 500  # the event log in storage keeps everything; the state keeps the recent ones
 
@@ -94,6 +106,9 @@ class Decision:
     skip_ranges: list[tuple[int, int]] = field(default_factory=list)  # every range to skip (for a new feed)
     fallbacks: list[int] = field(default_factory=list)  # rollback: older healthy checkpoints, newest first
     pin: int | None = None  # the checkpoint a rollback would go to now: retention must keep it
+    rerun: str | None = None  # after a rerun: "reproduced" (data or model) or "transient" (hardware)
+    suspects: list[int] = field(default_factory=list)  # transient: the ranks whose numbers moved
+    exclude_nodes: list[str] = field(default_factory=list)  # nodes to train without from now on
 
     @property
     def apply_update(self) -> bool:
@@ -113,14 +128,19 @@ class StepReport:
     tokens: int | None = None
     batch: int | None = None
     cursor: dict | None = None
+    rank_ce_sum: list[float] | None = None  # every rank's summed token loss (its share of the loss)
+    rank_grad_norm: list[float] | None = None  # every rank's gradient norm (equal on healthy hardware)
+    nodes: list[str] | None = None  # every rank's node
+    rerun: StepReport | None = None  # the same step recomputed, when the guardian asked for it
 
     @classmethod
-    def from_stats(cls, step: int, stats: Any, cursor: dict | None = None, *,
-                   lr: float | None = None, batch: int | None = None) -> StepReport:
+    def from_stats(cls, step: int, stats: Any, cursor: dict | None = None, *, lr: float | None = None,
+                   batch: int | None = None, rerun: Any = None, nodes: list[str] | None = None) -> StepReport:
         """From the step engine's StepStats (or any object or dict with loss and grad_norm)."""
         get = stats.get if isinstance(stats, dict) else lambda k, d=None: getattr(stats, k, d)
         lr = lr if lr is not None else get("lr")
         tokens = get("tokens")
+        metrics = get("metrics") or {}
         return cls(
             step=int(step),
             loss=_scalar(get("loss")),
@@ -130,6 +150,10 @@ class StepReport:
             tokens=None if tokens is None else int(tokens),
             batch=batch,
             cursor=cursor,
+            rank_ce_sum=_floats(metrics.get("rank_ce_sum")),
+            rank_grad_norm=_floats(metrics.get("rank_grad_norm")),
+            nodes=None if nodes is None else [str(n) for n in nodes],
+            rerun=None if rerun is None else cls.from_stats(step, rerun, cursor, lr=lr, batch=batch, nodes=nodes),
         )
 
 
@@ -148,6 +172,7 @@ class Guardian:
         self._next: tuple[int, int] = (0, 0)  # the next step expected and the batch it will consume
         self._checkpoints: dict[int, int] = {}  # committed checkpoint step -> batch it resumes at
         self._staged: dict[int, int] = {}  # saved, not yet committed by every rank: step -> batch
+        self._elevated: set[int] = set()  # checkpoints saved while the loss was above its baseline
         self._skipped: list[tuple[int, int]] = []  # merged, sorted [a, b) ranges of global batches
         self._rollbacks: list[dict] = []
         self._cooldown: tuple[int, int] | None = None  # steps [start, end) that run at cooldown_lr_factor
@@ -155,17 +180,22 @@ class Guardian:
         self._rollbacks_before_resume = 0  # rollbacks made before the run was resumed after an abort
         self._events: list[dict] = []
         self._seq = 0
+        self._suspects: dict[str, int] = {}  # node -> suspect_hardware events on it
+        self._verdict: str | None = None  # while deciding after a rerun: what it showed
+        self._excluded: list[str] = []  # nodes the run trains without
         # Live only (the actor outlives worker restarts): the last step seen, to report each recovery.
         self._last_seen: tuple[int, float] | None = None
         self._restored = False
 
     # ------------------------------------------------------------------ the per-step call
 
-    def decide(self, step: int, stats: Any, cursor: dict | None = None, *,
-               lr: float | None = None, batch: int | None = None) -> Decision:
+    def decide(self, step: int, stats: Any, cursor: dict | None = None, *, lr: float | None = None,
+               batch: int | None = None, rerun: Any = None, nodes: list[str] | None = None) -> Decision:
         """The loop's per-step call: `stats` needs .loss and .grad_norm (pre-clip); .finite, .tokens, .lr
-        are used when present."""
-        return self.observe(StepReport.from_stats(step, stats, cursor, lr=lr, batch=batch))
+        and .metrics (rank_ce_sum, rank_grad_norm) are used when present. `rerun`: the same step recomputed,
+        after a "rerun" decision."""
+        return self.observe(StepReport.from_stats(step, stats, cursor, lr=lr, batch=batch, rerun=rerun,
+                                                  nodes=nodes))
 
     def observe(self, report: StepReport) -> Decision:
         decision = self._observe(report)
@@ -176,6 +206,17 @@ class Guardian:
         step = report.step
         if self._aborted is not None:
             return Decision("abort", self._aborted)
+        if self.cfg.rerun and report.rerun is None:
+            suspicious = self._suspicions(report)
+            if suspicious:  # nothing is learnt or recorded yet: the step is reported again with its rerun
+                return Decision("rerun", f"step {step}: {_describe(suspicious)}; recomputing the step to tell "
+                                         "the data from the hardware")
+        verdict, suspects, exclude = None, [], []
+        if report.rerun is not None:
+            verdict, suspects = self._compare(report, report.rerun)
+            if verdict == "transient":
+                exclude = self._suspect_hardware(report, suspects)
+                report = report.rerun  # its gradients are the ones held now: judge them
         batch = report.batch if report.batch is not None else self.batch_for(step)
         self._note_progress(step)
         self._history.append((step, batch))
@@ -183,9 +224,21 @@ class Guardian:
         lr_factor = self.lr_factor(step)
 
         findings = self.detectors.check(step, report.loss, report.grad_norm, report.finite)
+        disagree = check_ranks_agree(report.rank_grad_norm, self.cfg.rerun_tolerance)
+        findings += [disagree] if disagree is not None else []
         if not findings:
-            return Decision("continue", lr_factor=lr_factor)
+            return Decision("continue", lr_factor=lr_factor, rerun=verdict, suspects=suspects,
+                            exclude_nodes=exclude)
+        self._verdict = verdict  # the decision's event says what the rerun showed
+        try:
+            decision = self._anomaly(report, batch, findings, lr_factor)
+        finally:
+            self._verdict = None
+        decision.rerun, decision.suspects, decision.exclude_nodes = verdict, suspects, exclude
+        return decision
 
+    def _anomaly(self, report: StepReport, batch: int, findings: list[Finding], lr_factor: float) -> Decision:
+        step = report.step
         self._anomalies = [a for a in self._anomalies if a["step"] > step - self.cfg.window]
         self._anomalies.append({"step": step, "batch": batch, "kinds": [f.kind for f in findings],
                                 "loss": _json_float(report.loss), "grad_norm": _json_float(report.grad_norm)})
@@ -199,6 +252,10 @@ class Guardian:
         """A checkpoint for `step` is being written; it becomes a rollback target once on_checkpoint(step)
         says every rank has committed it. Remembers the batch it resumes at, which only now is certain."""
         self._staged[step] = self.batch_for(step)
+        if not self.detectors.at_baseline:
+            # Saved on the way up to what may be a spike: kept, but never a rollback target.
+            self._elevated.add(step)
+            self._emit({"event": "checkpoint_elevated", "step": step, "since": self.detectors.rise_start})
 
     def on_checkpoint(self, step: int) -> None:
         """A checkpoint for `step` (training resumes at `step`) is committed and may be rolled back to."""
@@ -214,6 +271,57 @@ class Guardian:
         open_anomalies = [a["step"] for a in self._anomalies if a["step"] > step - self.cfg.window]
         self._emit({"event": "checkpoint", "step": step, "batch": self._checkpoints[step],
                     "open_anomalies": open_anomalies})
+
+    # ------------------------------------------------------------------ reruns
+
+    def _suspicions(self, report: StepReport) -> list[Finding]:
+        """What would make this step an anomaly, divergence aside (a rerun cannot explain a trend)."""
+        findings = [f for f in self.detectors.peek(report.step, report.loss, report.grad_norm, report.finite)
+                    if f.kind != DIVERGENCE]
+        disagree = check_ranks_agree(report.rank_grad_norm, self.cfg.rerun_tolerance)
+        return findings + ([disagree] if disagree is not None else [])
+
+    def _compare(self, first: StepReport, again: StepReport) -> tuple[str, list[int]]:
+        """("reproduced" | "transient", the ranks whose summed loss or grad norm moved between the runs)."""
+        tol = self.cfg.rerun_tolerance
+        moved = []
+        pairs = list(zip(first.rank_ce_sum or [], again.rank_ce_sum or [], first.rank_grad_norm or [],
+                         again.rank_grad_norm or [], strict=False))
+        for rank, (ce1, ce2, g1, g2) in enumerate(pairs):
+            if not (_same(ce1, ce2, tol) and _same(g1, g2, tol)):
+                moved.append(rank)
+        same = (_same(first.loss, again.loss, tol) and _same(first.grad_norm, again.grad_norm, tol)
+                and first.finite == again.finite and not moved)
+        return ("reproduced", []) if same else ("transient", moved)
+
+    def _suspect_hardware(self, first: StepReport, ranks: list[int]) -> list[str]:
+        """Record a transient fault on `ranks`; returns the nodes that have now had too many of them."""
+        nodes = first.nodes or []
+        on = sorted({nodes[r] for r in ranks if r < len(nodes)})
+        for node in on:
+            self._suspects[node] = self._suspects.get(node, 0) + 1
+        limit = self.cfg.suspect_node_limit
+        exclude = [n for n in on if limit and self._suspects[n] >= limit and n not in self._excluded]
+        self._excluded += exclude
+        again = first.rerun
+        who = ", ".join(f"rank {r}" + (f" on node {nodes[r]}" if r < len(nodes) else "") for r in ranks) or \
+            "no single rank (the numbers moved after the collective)"
+        self._emit({"event": "suspect_hardware", "step": first.step, "ranks": ranks, "nodes": on,
+                    "loss": [_json_float(first.loss), _json_float(again.loss)],
+                    "grad_norm": [_json_float(first.grad_norm), _json_float(again.grad_norm)],
+                    "reason": f"step {first.step} gave loss {first.loss:.6g} / grad norm {first.grad_norm:.6g}, "
+                              f"then {again.loss:.6g} / {again.grad_norm:.6g} on the same data and parameters: "
+                              f"a transient fault on {who}; the rerun's update is used",
+                    "events_on_node": {n: self._suspects[n] for n in on}})
+        for node in exclude:
+            self._emit({"event": "exclude_node", "step": first.step, "node": node,
+                        "reason": f"{self._suspects[node]} transient faults on node {node} "
+                                  f"(guardian.suspect_node_limit={limit}): the run goes on without it"})
+        return exclude
+
+    @property
+    def excluded_nodes(self) -> list[str]:
+        return list(self._excluded)
 
     # ------------------------------------------------------------------ queries
 
@@ -243,9 +351,9 @@ class Guardian:
         starts = [a["step"] for a in self._anomalies if a["step"] > now - self.cfg.window]
         if self.detectors.divergence.run_start is not None:
             starts.append(self.detectors.divergence.run_start)
-        if not starts:
-            return max(self._checkpoints, default=None)
-        return self.healthy_checkpoint(min(starts))
+        if self.detectors.rise_start is not None:
+            starts.append(self.detectors.rise_start)
+        return self.healthy_checkpoint(min(starts, default=now + 1))
 
     def older_checkpoints(self, step: int) -> list[int]:
         """Known checkpoints older than `step`, newest first: where a rollback goes if `step` is unreadable."""
@@ -275,8 +383,9 @@ class Guardian:
         self._emit({"event": "resumed_after_abort", "reason": reason, "rollbacks": self.rollbacks})
 
     def healthy_checkpoint(self, streak_start: int) -> int | None:
-        """The newest committed checkpoint whose updates all predate a streak that began at `streak_start`."""
-        return max((c for c in self._checkpoints if c <= streak_start), default=None)
+        """The newest committed checkpoint whose updates all predate a streak that began at `streak_start`,
+        and that was saved with the loss at its baseline (not on the way up to a spike)."""
+        return max((c for c in self._checkpoints if c <= streak_start and c not in self._elevated), default=None)
 
     def batch_for(self, step: int) -> int:
         """The global-batch index step `step` consumes in the current timeline."""
@@ -326,6 +435,11 @@ class Guardian:
         if diverged and run_start is not None and run_start < streak_start:
             streak_batch = self._batch_in_history(run_start, batch - (step - run_start))
             streak_start = run_start
+        rise_start = self.detectors.rise_start
+        if rise_start is not None and rise_start < streak_start:
+            # The loss was already climbing before the first anomaly: go back to before the climb.
+            streak_batch = self._batch_in_history(rise_start, batch - (step - rise_start))
+            streak_start = rise_start
         why = ("the loss diverged" if diverged else
                f"{len(self._anomalies)} anomalies within {self.cfg.window} steps "
                f"(guardian.skips_before_rollback={self.cfg.skips_before_rollback})")
@@ -335,8 +449,11 @@ class Guardian:
         target = self.healthy_checkpoint(streak_start)
         if target is None:
             known = sorted(self._checkpoints) or "none"
-            no_target = (f"{why}, but no committed checkpoint precedes the anomalies that began at step "
-                         f"{streak_start} (checkpoints known: {known}); lower checkpoint.every_steps")
+            elevated = sorted(c for c in self._checkpoints if c in self._elevated)
+            no_target = (f"{why}, but no committed checkpoint saved at the loss baseline precedes the anomalies "
+                         f"that began at step {streak_start} (checkpoints known: {known}"
+                         f"{f'; saved while the loss was elevated: {elevated}' if elevated else ''}); "
+                         "lower checkpoint.every_steps")
             return self._abort(report, batch, findings, no_target)
 
         target_batch = self._checkpoints[target]
@@ -404,6 +521,9 @@ class Guardian:
             "aborted": self._aborted,
             "rollbacks_before_resume": self._rollbacks_before_resume,
             "staged": [[c, b] for c, b in sorted(self._staged.items())],
+            "elevated": sorted(self._elevated),
+            "suspects": dict(self._suspects),
+            "excluded": list(self._excluded),
             "events": self._events[-_MAX_EVENTS_IN_STATE:],
             "seq": self._seq,
         }
@@ -413,7 +533,7 @@ class Guardian:
         if not state:
             return  # a checkpoint written without a guardian (guardian.enabled was false, or not rank 0)
         version = state.get("version")
-        if version != STATE_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(f"guardian state version {version!r} is not {STATE_VERSION}: this checkpoint "
                              "was written by another raytrainer version; start fresh (run.resume=false)")
         resume_step, resume_batch = (int(x) for x in state["next"])
@@ -433,6 +553,10 @@ class Guardian:
         self._aborted = self._aborted or state.get("aborted")
         self._rollbacks_before_resume = max(self._rollbacks_before_resume, int(state.get("rollbacks_before_resume", 0)))
         self._staged.update({int(c): int(b) for c, b in state.get("staged", []) if int(c) <= resume_step})
+        self._elevated |= {int(c) for c in state.get("elevated", [])}
+        for node, n in state.get("suspects", {}).items():
+            self._suspects[node] = max(self._suspects.get(node, 0), int(n))
+        self._excluded += [n for n in state.get("excluded", []) if n not in self._excluded]
         by_seq = {e["seq"]: e for e in state.get("events", [])}
         by_seq.update({e["seq"]: e for e in self._events})
         self._events = [by_seq[s] for s in sorted(by_seq)]
@@ -449,7 +573,7 @@ class Guardian:
         if not state:
             return
         version = state.get("version")
-        if version != STATE_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(f"guardian state version {version!r} is not {STATE_VERSION}: it was written by "
                              "another raytrainer version; start fresh (run.resume=false)")
         self.detectors.load_state_dict(state["detectors"])
@@ -458,6 +582,9 @@ class Guardian:
         self._next = (int(state["next"][0]), int(state["next"][1]))
         self._checkpoints = {int(c): int(b) for c, b in state["checkpoints"]}
         self._staged = {int(c): int(b) for c, b in state.get("staged", [])}
+        self._elevated = {int(c) for c in state.get("elevated", [])}
+        self._suspects = {str(n): int(c) for n, c in state.get("suspects", {}).items()}
+        self._excluded = [str(n) for n in state.get("excluded", [])]
         self._skipped = [(int(a), int(b)) for a, b in state["skipped"]]
         self._rollbacks = [dict(r) for r in state["rollbacks"]]
         cooldown = state.get("cooldown")
@@ -515,6 +642,8 @@ class Guardian:
             "cursor": report.cursor,
             "rollbacks": self.rollbacks,
         }
+        if self._verdict is not None:
+            event["rerun"] = self._verdict
         if decision.action == "rollback":
             event["rollback_to"] = decision.rollback_to
             event["skip_range"] = list(decision.skip_range)
@@ -535,6 +664,17 @@ def _describe(findings: list[Finding]) -> str:
 
 def _scalar(x: Any) -> float:
     return float(x.item()) if hasattr(x, "item") else float(x)
+
+
+def _floats(values: Any) -> list[float] | None:
+    return None if values is None else [float(v) for v in values]
+
+
+def _same(a: float, b: float, tolerance: float) -> bool:
+    """Equal within a relative tolerance; two NaNs (or equal infinities) are the same result again."""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return (math.isnan(a) and math.isnan(b)) or a == b
+    return abs(a - b) <= tolerance * max(abs(a), abs(b), 1e-12)
 
 
 def _json_float(x: float) -> float | str:

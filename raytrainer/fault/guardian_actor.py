@@ -73,12 +73,15 @@ class GuardianActor:
 
     def observe(self, report: StepReport) -> Decision:
         decision = self.guardian.observe(report)
-        if decision.action in ("rollback", "abort"):
+        if decision.action in ("rollback", "abort") or decision.exclude_nodes:
             # Every rank acts on this at once (and after an abort the job ends): storage must hold it first.
             self._persist_now()
         else:
             self._persist()
         return decision
+
+    def excluded_nodes(self) -> list[str]:
+        return self.guardian.excluded_nodes
 
     def on_checkpoint_staged(self, step: int) -> None:
         self.guardian.on_checkpoint_staged(step)
@@ -185,10 +188,14 @@ class GuardianClient:
                     ) from None
                 time.sleep(0.5)
 
-    def decide(self, step: int, stats: Any, cursor: dict | None = None, *,
-               lr: float | None = None, batch: int | None = None) -> Decision:
+    def decide(self, step: int, stats: Any, cursor: dict | None = None, *, lr: float | None = None,
+               batch: int | None = None, rerun: Any = None, nodes: list[str] | None = None) -> Decision:
         """Report step `step` and get the decision. Call on rank 0 only, then broadcast the decision."""
-        return self._call("observe", StepReport.from_stats(step, stats, cursor, lr=lr, batch=batch))
+        return self._call("observe", StepReport.from_stats(step, stats, cursor, lr=lr, batch=batch, rerun=rerun,
+                                                           nodes=nodes))
+
+    def excluded_nodes(self) -> list[str]:
+        return self._call("excluded_nodes")
 
     def on_checkpoint_staged(self, step: int) -> None:
         self._call("on_checkpoint_staged", step)

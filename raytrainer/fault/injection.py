@@ -11,6 +11,13 @@ Kinds:
 - `shuffle_labels`: the targets are permuted within each row (ignored positions stay ignored).
 - `grad_explode`: the loss of this step's forward passes is multiplied by `scale`, and so is every gradient.
 - `nan_loss`: the loss of this step's forward passes becomes NaN (so do the gradients).
+- `grad_bitflip`: one bit of the exponent of one gradient element flips on this rank after the backward,
+  as failing memory or a bad core would do (a silent data corruption). It does not happen again when the
+  guardian recomputes the step, so the rerun tells it from a fault in the data. Needs the step engine
+  (`attach_engine`).
+
+A guardian rerun (`before_rerun`) replays the batch faults (the micro-batches are the same ones) and the loss
+faults (they stand for a fault in the data or the model: they reproduce); only `grad_bitflip` is one-off.
 - `crash`: the process exits at once with INJECTED_CRASH_EXIT_CODE, as if the node died.
 - `hang`: the process sleeps forever inside the step; the step watchdog ends it.
 - `s3_outage`: calls `hooks["s3_outage"](step)`; a test stops its S3 server there (and restarts it later).
@@ -45,6 +52,7 @@ log = logging.getLogger("raytrainer.guardian")
 INJECTED_CRASH_EXIT_CODE = 87  # distinct from the watchdog's 86 and from real failures
 BATCH_FAULTS = frozenset({"loss_spike", "shuffle_labels"})
 LOSS_FAULTS = frozenset({"nan_loss", "grad_explode"})
+FLIPPED_BIT = 1 << 30  # the highest exponent bit of a float32: an element below 1 in size grows 2^128x
 IGNORE_INDEX = -100
 
 
@@ -142,8 +150,21 @@ class FaultInjector:
         self._loss_calls = 0
         self._metrics_too = False
         self._model_hooked = False
+        self._rearm: tuple[Callable[[torch.Tensor], torch.Tensor], int, bool] | None = None  # for a rerun
+        self._flip_at: int | None = None  # the step whose gradients get a flipped bit
+        self._module: torch.nn.Module | None = None
         if model is not None:
             self.attach(model)
+
+    def attach_engine(self, engine: Any, module: torch.nn.Module) -> None:
+        """Hook the step engine so grad_bitflip can reach `module`'s gradients after the backward."""
+        self._module = module
+        engine.gradient_hooks.append(self._after_backward)
+
+    def before_rerun(self, step: int) -> None:
+        """The guardian recomputes `step`: a loss fault fired at it fires again (it reproduces)."""
+        if self._rearm is not None:
+            self._loss_fn, self._loss_calls, self._metrics_too = self._rearm
 
     def attach(self, model: torch.nn.Module) -> None:
         """Hook the (possibly wrapped) model so nan_loss / grad_explode can reach the loss."""
@@ -166,7 +187,7 @@ class FaultInjector:
 
     def before_forward(self, step: int, micro_batches: list[dict]) -> list[dict]:
         """Fire what is due at `step`; returns the (possibly corrupted) micro-batches to train on."""
-        self._loss_fn, self._loss_calls = None, 0
+        self._loss_fn, self._loss_calls, self._rearm = None, 0, None
         for fault in self.due(step):
             self._mark_fired(fault)
             log.warning("fault injection: %s at step %d on rank %d", fault.kind, step, self.rank)
@@ -193,6 +214,13 @@ class FaultInjector:
                 self._loss_fn = lambda loss: loss * scale
             self._metrics_too = kind == "nan_loss"
             self._loss_calls = len(micro_batches)
+            self._rearm = (self._loss_fn, self._loss_calls, self._metrics_too)
+            return micro_batches
+        if kind == "grad_bitflip":
+            if self._module is None:
+                raise RuntimeError(f"fault injection grad_bitflip at step {step} needs the step engine: "
+                                   "injector.attach_engine(engine, module)")
+            self._flip_at = step
             return micro_batches
         if kind == "s3_outage":
             self.hooks["s3_outage"](step)
@@ -207,6 +235,22 @@ class FaultInjector:
             self.hang_fn()
             return micro_batches
         raise ValueError(f"unknown fault kind {kind!r}")
+
+    def _after_backward(self, step: int) -> None:
+        if self._flip_at != step:
+            return
+        self._flip_at = None  # once: a recomputation of the step is clean
+        grad = next((p.grad for p in self._module.parameters() if p.grad is not None and p.grad.numel()), None)
+        if grad is None:
+            return
+        flat = grad.view(-1) if grad.is_contiguous() else grad.reshape(-1)
+        small = ((flat != 0) & (flat.abs() < 1)).nonzero()
+        i = int(small[0]) if len(small) else 0
+        element = flat[i:i + 1].to(torch.float32)
+        flipped = (element.view(torch.int32) ^ FLIPPED_BIT).view(torch.float32)
+        flat[i:i + 1] = flipped.to(flat.dtype)
+        log.warning("fault injection: flipped an exponent bit of a gradient on rank %d at step %d (%.3g -> %.3g)",
+                    self.rank, step, float(element), float(flipped))
 
     def _on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
         if self._loss_fn is None or self._loss_calls <= 0:

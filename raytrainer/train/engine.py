@@ -11,6 +11,13 @@ The global label-token count is all-reduced once per step, before the first forw
 
 A step whose loss or gradients are not finite is never applied: forward_backward logs it loudly with its
 step, and apply() refuses the update even when asked to apply it (and says so).
+
+    stats2 = engine.recompute(micro_batches, step)          # the same step again, before any update
+
+recompute() drops the pending gradients and runs the same micro-batches from the same parameters and RNG
+state: the guardian's way to tell a reproducible anomaly (the data, the model's state) from a transient one
+(the hardware). To compare the two runs rank by rank, every rank's summed loss and gradient norm travel in
+the one collective a step already makes (`rank_ce_sum`, `rank_grad_norm` in StepStats.metrics).
 """
 
 from __future__ import annotations
@@ -86,18 +93,25 @@ class StepEngine:
         self.updates_applied = 0
         self.updates_skipped = 0
         self._pending: StepStats | None = None  # the step whose gradients wait for apply()
+        self._rng_before: tuple | None = None  # the RNG state the pending step started from
+        # Called with the step number after the backward, before the gradient norm: fault injection's way to
+        # corrupt one rank's gradients as failing hardware would.
+        self.gradient_hooks: list[Callable[[int], None]] = []
 
     # ------------------------------------------------------------------ the step
 
-    def forward_backward(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0) -> StepStats:
+    def forward_backward(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0,
+                         notice: bool = False) -> StepStats:
         """Forward and backward every micro-batch of this rank; gradients are synchronised on the last one.
-        Returns the global loss and pre-clip grad norm (identical on every rank), and every rank's time
-        for this step so far (`data_wait_s`, the wait for its batch, plus its forward and backward)."""
+        Returns the global loss and pre-clip grad norm, and every rank's time for this step so far
+        (`data_wait_s`, the wait for its batch, plus its forward, backward and norm), summed loss, grad norm
+        and `notice` (this rank was told to stop: `rank_notice`)."""
         if self._pending is not None:
             raise RuntimeError(f"forward_backward(step={step}) while step {self._pending.step} still waits for "
                                "apply() or zero_grad(): its gradients would leak into this step")
         if not micro_batches:
             raise ValueError(f"step {step}: no micro-batches (every rank takes cfg.accumulation_steps >= 1)")
+        self._rng_before = _rng_state(self.strategy.device)
         t0 = time.perf_counter()
         s = self.strategy
         device = s.device
@@ -114,15 +128,22 @@ class StepEngine:
                 s.backward(self.scaler.scale_loss(out.loss))
             ce_sum += out.metrics["ce"].detach().double() * out.metrics["label_tokens"]
         t_backward = time.perf_counter()
-        # One collective gives the loss and every rank's busy time, so a straggler shows in the metrics.
-        per_rank = s.all_gather_floats([float(ce_sum), data_wait_s + t_backward - t0, data_wait_s])
-        loss = math.fsum(r[0] for r in per_rank) / max(global_labels, 1.0)
+        for hook in self.gradient_hooks:
+            hook(step)
         if self.scaler.enabled:
             s.unscale_grads(self.scaler.scale)
         grad_norm = s.clip_grad_norm(self.cfg.optim.grad_clip)
+        # One collective gives the loss and every rank's busy time, loss and grad norm: a straggler shows in
+        # the metrics, and a rank whose gradients differ from the others' (they are the same numbers on every
+        # rank once reduced) can be named.
+        per_rank = s.all_gather_floats([float(ce_sum), data_wait_s + time.perf_counter() - t0, data_wait_s,
+                                        float(grad_norm), float(notice)])
+        loss = math.fsum(r[0] for r in per_rank) / max(global_labels, 1.0)
 
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        overflow = self.cfg.precision.dtype == "fp16" and math.isfinite(loss) and not math.isfinite(grad_norm)
+        # Judged on every rank's norm, so that every rank takes the same view of whether it may apply.
+        grads_finite = all(math.isfinite(r[3]) for r in per_rank)
+        finite = math.isfinite(loss) and grads_finite
+        overflow = self.cfg.precision.dtype == "fp16" and math.isfinite(loss) and not grads_finite
         if overflow and s.rank == 0:  # the loss and norm are global: one line, from rank 0
             log.warning("step %d: fp16 gradients overflowed at loss scale %g; the update is skipped and the "
                         "scale halved", step, self.scaler.scale)
@@ -141,11 +162,26 @@ class StepEngine:
             seq_len=seq_len,
             overflow=overflow,
             metrics={"forward_backward_s": t_backward - t0, "micro_batches": len(micro_batches),
-                     "rank_busy_s": [r[1] for r in per_rank], "rank_data_wait_s": [r[2] for r in per_rank]},
+                     "rank_busy_s": [r[1] for r in per_rank], "rank_data_wait_s": [r[2] for r in per_rank],
+                     "rank_ce_sum": [r[0] for r in per_rank], "rank_grad_norm": [r[3] for r in per_rank],
+                     "rank_notice": [bool(r[4]) for r in per_rank]},
         )
         if self.scaler.enabled:
             stats.metrics["loss_scale"] = self.scaler.scale
         self._pending = stats
+        return stats
+
+    def recompute(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0,
+                  notice: bool = False) -> StepStats:
+        """The pending step again: its gradients dropped, the same micro-batches from the same parameters and
+        RNG state. Every rank calls it (it has the step's collectives)."""
+        if self._pending is None or self._pending.step != step:
+            raise RuntimeError(f"recompute(step={step}) without that step pending: nothing to compare it with")
+        rng = self._rng_before
+        self.zero_grad()  # the loss scale stays: the same step again, at the same scale
+        _set_rng_state(rng, self.strategy.device)
+        stats = self.forward_backward(micro_batches, step, data_wait_s=data_wait_s, notice=notice)
+        stats.metrics["recomputed"] = True
         return stats
 
     def evaluate(self, batches: list[list[dict]]) -> tuple[float, int]:
@@ -261,3 +297,18 @@ class StepEngine:
         if extra is not None:
             self.ema.load_state_dict(extra["ema"])
         self._pending = None
+
+
+def _rng_state(device: torch.device) -> tuple:
+    """The generators a forward may draw from (dropout, stochastic layers): a few kilobytes, no sync."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple | None, device: torch.device) -> None:
+    if state is None:
+        return
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)

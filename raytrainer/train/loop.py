@@ -34,9 +34,15 @@ log = logging.getLogger("raytrainer.train")
 METRICS_FLUSH_AT_SAVE_S = 5.0
 
 
+class NodesExcluded(RuntimeError):
+    """The guardian excluded a node after repeated transient faults there: the step is checkpointed, and the
+    worker group must be restarted without it (the elastic policy keeps it out)."""
+
+
 class Guardian(Protocol):
     def decide(self, step: int, stats: StepStats, cursor: dict, *, lr: float | None = None,
-               batch: int | None = None) -> Decision: ...
+               batch: int | None = None, rerun: StepStats | None = None,
+               nodes: list[str] | None = None) -> Decision: ...
     def on_checkpoint_staged(self, step: int) -> None: ...
     def on_checkpoint(self, step: int) -> None: ...
     def checkpoints_exist(self, steps: list[int]) -> None: ...
@@ -51,7 +57,8 @@ class NoGuardian:
     """guardian.enabled=false: never intervenes, but a non-finite step is still never applied."""
 
     def decide(self, step: int, stats: StepStats, cursor: dict, *, lr: float | None = None,
-               batch: int | None = None) -> Decision:
+               batch: int | None = None, rerun: StepStats | None = None,
+               nodes: list[str] | None = None) -> Decision:
         if not stats.finite:
             return Decision("skip", f"non-finite loss/grad at step {step}")
         return Decision()
@@ -93,6 +100,7 @@ class WorkerEnv:
     broadcast: Callable[[Any], Any] = lambda obj: obj  # rank 0's object to every rank
     agree: Callable[[bool], bool] = all_ranks_agree  # True everywhere only if True on every rank
     announce: Callable[[dict], None] = lambda record: None  # rank 0's records to the driver's live view
+    nodes: list[str] = field(default_factory=list)  # every rank's node (rank order), to name suspects
     hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)  # fault-injection hooks (tests)
 
 
@@ -182,6 +190,8 @@ class Trainer:
                 micro_batches = self.injector.before_forward(step, micro_batches)
             stats = self.engine.forward_backward(micro_batches, step, data_wait_s=data_wait)
             decision = self.decide(step, stats)
+            if decision.action == "rerun":
+                stats, decision = self.rerun(step, micro_batches, stats, data_wait)
 
         if decision.action == "abort":
             raise GuardianAbort(decision.reason)
@@ -192,27 +202,59 @@ class Trainer:
         step += 1
         if self.eval_due(step):
             self.evaluate(step)
-        if self.checkpoint_due(step):
+        saved = self.checkpoint_due(step)
+        if saved:
             self.save(step)
             self._last_step_end = None  # a save's stall is measured by the checkpoint bench, not as a slow step
         self.keep_books(decision.pin)
+        if decision.exclude_nodes:
+            self.leave(step, decision.exclude_nodes, saved)
         return step
+
+    def leave(self, step: int, nodes: list[str], saved: bool) -> None:
+        """Checkpoint now (every rank), wait until it is committed, then end this worker group so the next one
+        is placed without `nodes`: nothing trained on them so far is lost."""
+        if not saved and step < self.cfg.train.steps:
+            self.save(step)
+        self.checkpoints.settle()
+        self.keep_books()
+        raise NodesExcluded(f"step {step}: the guardian excluded node(s) {', '.join(nodes)} after repeated "
+                            f"transient faults (guardian.suspect_node_limit={self.cfg.guardian.suspect_node_limit}); "
+                            f"checkpoint {step} is committed and the workers restart without them")
 
     # ------------------------------------------------------------------ pieces
 
-    def decide(self, step: int, stats: StepStats) -> Decision:
-        if getattr(stats, "overflow", False):
+    def decide(self, step: int, stats: StepStats, rerun: StepStats | None = None) -> Decision:
+        if getattr(stats, "overflow", False) and rerun is None:
             # Routine fp16 loss-scale overflow: the scaler already halved the scale; not an anomaly.
             return Decision("skip", f"fp16 gradient overflow at loss scale {stats.metrics.get('loss_scale')}")
         # One guardian round trip per step, from rank 0; every rank acts on the same decision.
         decision = None
         if self.env.rank == 0:
             decision = self.guardian.decide(step, stats, self.feed.cursor(), lr=self.engine.current_lr,
-                                            batch=self.feed.batch_index)
+                                            batch=self.feed.batch_index, rerun=rerun,
+                                            nodes=self.env.nodes or None)
         decision = self.env.broadcast(decision)
         if decision.action != "continue" and self.env.rank == 0:  # the driver's view prints it
             log.info("step %d: guardian says %s (%s)", step, decision.action, decision.reason)
         return decision
+
+    def rerun(self, step: int, micro_batches: list[dict], stats: StepStats, data_wait: float
+              ) -> tuple[StepStats, Decision]:
+        """The guardian found the step suspicious: compute it again from the same parameters, RNG state
+        and micro-batches, and let it judge both. Returns the rerun's stats (its gradients are held now)."""
+        if self.injector is not None:
+            self.injector.before_rerun(step)
+        again = self.engine.recompute(micro_batches, step, data_wait_s=data_wait)
+        decision = self.decide(step, stats, rerun=again)
+        if decision.action == "rerun":  # a guardian that asks twice would loop: take the first answer as final
+            decision = Decision("skip", f"step {step}: the guardian asked for a second rerun; update skipped")
+        if decision.rerun == "transient":
+            self.note("suspect_hardware", step=step, ranks=decision.suspects,
+                      nodes=[self.env.nodes[r] for r in decision.suspects if r < len(self.env.nodes)],
+                      loss=[stats.loss, again.loss], grad_norm=[stats.grad_norm, again.grad_norm],
+                      exclude=decision.exclude_nodes)
+        return again, decision
 
     def note(self, kind: str, **fields) -> None:
         """Rank 0: a metrics record, on record and on its way to the driver's live view."""
@@ -355,6 +397,7 @@ class Trainer:
             "seq_len": stats.seq_len,
             "action": decision.action,
             "reason": decision.reason if decision.action != "continue" else None,
+            "rerun": decision.rerun,
             "applied": applied,
             "start_step": self.start_step,  # where this attempt began: shows resumes in reports
             "data_wait_s": waits[self.env.rank] if self.env.rank < len(waits) else waits[0],

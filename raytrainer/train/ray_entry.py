@@ -26,6 +26,18 @@ def broadcast_from_rank0(obj):
     return box[0]
 
 
+def every_ranks_node() -> list[str]:
+    """The Ray node id of every rank, in rank order: how the guardian names (and excludes) a suspect node."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id()
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return [mine]
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, mine)
+    return [str(n) for n in nodes]
+
+
 def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=None, store=None) -> Trainer:
     """Everything one worker needs, from the config alone (plus its place in the world)."""
     from raytrainer.checkpoint.manager import CheckpointManager
@@ -45,7 +57,10 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
     def feed_factory(cursor: dict | None) -> DataFeed:
         return DataFeed(cfg, cfg.data.path, env.rank, env.world_size, cursor=cursor)
 
-    injector = FaultInjector(cfg, env.rank, hooks=env.hooks, model=strategy.model) if cfg.faults else None
+    injector = None
+    if cfg.faults:
+        injector = FaultInjector(cfg, env.rank, hooks=env.hooks, model=strategy.model)
+        injector.attach_engine(engine, strategy.module)
     validation = None
     if cfg.eval.every_steps is not None:
         from raytrainer.data.validation import ValidationBatches
@@ -123,6 +138,7 @@ def train_fn(loop_config: dict, secrets: SecretStr | None = None) -> None:
         broadcast=broadcast_from_rank0,
         agree=all_ranks_agree,
         registers_checkpoints=True,
+        nodes=every_ranks_node(),
         **({"announce": announce} if announce is not None and rank == 0 else {}),
     )
     registered = read_pointer(ray.train.get_checkpoint())
