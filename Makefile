@@ -24,7 +24,7 @@ pretrain: $(STAMP) data/sample/manifest.json
 
 test: $(STAMP)
 	$(PY) -m ruff check raytrainer jobs tests bench
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
