@@ -360,6 +360,9 @@ class GuardianConfig(Section):
     rerun: bool = True  # recompute an anomalous step before deciding: tells the data from the hardware
     rerun_tolerance: float = Field(1e-3, ge=0)  # relative: rerun values this close are the same result
     suspect_node_limit: int = Field(2, ge=0)  # transient faults on one node before it is excluded (0: never)
+    straggler_factor: float = Field(1.5, gt=1)  # a rank's median own time (data wait + forwards) vs the others'
+    straggler_steps: int = Field(20, gt=0)  # ... over this many steps: it is named
+    straggler_exclude: bool = False  # ... and its node is excluded like a faulty one
 
     @model_validator(mode="after")
     def _windows_fit(self) -> GuardianConfig:
@@ -371,11 +374,13 @@ class GuardianConfig(Section):
 
 class FaultInjection(Section):
     step: int = Field(ge=0)
-    kind: Literal["nan_loss", "loss_spike", "shuffle_labels", "grad_explode", "grad_bitflip", "crash", "hang",
-                  "s3_outage"]
+    kind: Literal["nan_loss", "loss_spike", "shuffle_labels", "grad_explode", "grad_bitflip", "slow_rank", "crash",
+                  "hang", "s3_outage"]
     rank: int = 0
     scale: float = 1000.0  # grad_explode: loss multiplier
     once: bool = True  # fire only the first time the step is reached (not again after a rollback)
+    steps: int = Field(1, gt=0)  # slow_rank: how many consecutive steps from `step` it lasts
+    seconds: float = Field(0.5, ge=0)  # slow_rank: extra time in each of those steps' forwards
 
 
 class MlflowConfig(Section):

@@ -82,6 +82,7 @@ from typing import Any
 
 from raytrainer.config import GuardianConfig
 from raytrainer.fault.detectors import DIVERGENCE, Detectors, Finding, check_ranks_agree
+from raytrainer.fault.stragglers import StragglerWatch
 
 STATE_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: before elevated checkpoints and reruns; its missing keys default
@@ -109,6 +110,7 @@ class Decision:
     rerun: str | None = None  # after a rerun: "reproduced" (data or model) or "transient" (hardware)
     suspects: list[int] = field(default_factory=list)  # transient: the ranks whose numbers moved
     exclude_nodes: list[str] = field(default_factory=list)  # nodes to train without from now on
+    stragglers: list[int] = field(default_factory=list)  # ranks named slow at this step
 
     @property
     def apply_update(self) -> bool:
@@ -130,6 +132,7 @@ class StepReport:
     cursor: dict | None = None
     rank_ce_sum: list[float] | None = None  # every rank's summed token loss (its share of the loss)
     rank_grad_norm: list[float] | None = None  # every rank's gradient norm (equal on healthy hardware)
+    rank_own_s: list[float] | None = None  # every rank's own time: its data wait and its forwards
     nodes: list[str] | None = None  # every rank's node
     rerun: StepReport | None = None  # the same step recomputed, when the guardian asked for it
 
@@ -152,6 +155,7 @@ class StepReport:
             cursor=cursor,
             rank_ce_sum=_floats(metrics.get("rank_ce_sum")),
             rank_grad_norm=_floats(metrics.get("rank_grad_norm")),
+            rank_own_s=_own_times(metrics),
             nodes=None if nodes is None else [str(n) for n in nodes],
             rerun=None if rerun is None else cls.from_stats(step, rerun, cursor, lr=lr, batch=batch, nodes=nodes),
         )
@@ -182,6 +186,7 @@ class Guardian:
         self._seq = 0
         self._suspects: dict[str, int] = {}  # node -> suspect_hardware events on it
         self._verdict: str | None = None  # while deciding after a rerun: what it showed
+        self.stragglers = StragglerWatch(cfg.straggler_factor, cfg.straggler_steps)
         self._excluded: list[str] = []  # nodes the run trains without
         # Live only (the actor outlives worker restarts): the last step seen, to report each recovery.
         self._last_seen: tuple[int, float] | None = None
@@ -212,6 +217,7 @@ class Guardian:
                 return Decision("rerun", f"step {step}: {_describe(suspicious)}; recomputing the step to tell "
                                          "the data from the hardware")
         verdict, suspects, exclude = None, [], []
+        timed = report  # the first run's times: a rerun's are not the step's (its data was already there)
         if report.rerun is not None:
             verdict, suspects = self._compare(report, report.rerun)
             if verdict == "transient":
@@ -222,20 +228,44 @@ class Guardian:
         self._history.append((step, batch))
         self._next = (step + 1, self._skip_out(batch + 1))
         lr_factor = self.lr_factor(step)
+        slow, slow_nodes = self._watch_stragglers(timed)
+        exclude += [n for n in slow_nodes if n not in exclude]
 
         findings = self.detectors.check(step, report.loss, report.grad_norm, report.finite)
         disagree = check_ranks_agree(report.rank_grad_norm, self.cfg.rerun_tolerance)
         findings += [disagree] if disagree is not None else []
         if not findings:
             return Decision("continue", lr_factor=lr_factor, rerun=verdict, suspects=suspects,
-                            exclude_nodes=exclude)
+                            exclude_nodes=exclude, stragglers=slow)
         self._verdict = verdict  # the decision's event says what the rerun showed
         try:
             decision = self._anomaly(report, batch, findings, lr_factor)
         finally:
             self._verdict = None
         decision.rerun, decision.suspects, decision.exclude_nodes = verdict, suspects, exclude
+        decision.stragglers = slow
         return decision
+
+    def _watch_stragglers(self, report: StepReport) -> tuple[list[int], list[str]]:
+        """(ranks named slow at this step, nodes to exclude for it when guardian.straggler_exclude)."""
+        nodes = report.nodes or []
+        named, exclude = [], []
+        for event in self.stragglers.observe(report.step, report.rank_own_s):
+            rank = event["rank"]
+            node = nodes[rank] if rank < len(nodes) else None
+            event["node"] = node
+            if event["event"] == "straggler":
+                named.append(rank)
+                event["reason"] = (f"rank {rank}{f' on node {node}' if node else ''} spent {event['own_s']:.3g} s "
+                                   f"on its own part of each step (data wait + forwards) for {event['steps']} "
+                                   f"steps, {event['ratio']:g}x the other ranks' {event['others_s']:.3g} s "
+                                   f"(guardian.straggler_factor={self.cfg.straggler_factor:g})")
+                if self.cfg.straggler_exclude and node is not None and node not in self._excluded:
+                    self._excluded.append(node)
+                    exclude.append(node)
+                    event["reason"] += "; its node is excluded (guardian.straggler_exclude)"
+            self._emit(event)
+        return named, exclude
 
     def _anomaly(self, report: StepReport, batch: int, findings: list[Finding], lr_factor: float) -> Decision:
         step = report.step
@@ -664,6 +694,14 @@ def _describe(findings: list[Finding]) -> str:
 
 def _scalar(x: Any) -> float:
     return float(x.item()) if hasattr(x, "item") else float(x)
+
+
+def _own_times(metrics: dict) -> list[float] | None:
+    forwards, waits = metrics.get("rank_forward_s"), metrics.get("rank_data_wait_s")
+    if forwards is None:
+        return None
+    waits = waits if waits is not None and len(waits) == len(forwards) else [0.0] * len(forwards)
+    return [float(f) + float(w) for f, w in zip(forwards, waits, strict=True)]
 
 
 def _floats(values: Any) -> list[float] | None:

@@ -16,6 +16,9 @@ Kinds:
   guardian recomputes the step, so the rerun tells it from a fault in the data. Needs the step engine
   (`attach_engine`).
 
+- `slow_rank`: from `step`, for `steps` steps, this rank's forwards take `seconds` longer (a straggler: a
+  slow GPU, a throttled host). Fires every time those steps are reached.
+
 A guardian rerun (`before_rerun`) replays the batch faults (the micro-batches are the same ones) and the loss
 faults (they stand for a fault in the data or the model: they reproduce); only `grad_bitflip` is one-off.
 - `crash`: the process exits at once with INJECTED_CRASH_EXIT_CODE, as if the node died.
@@ -152,6 +155,7 @@ class FaultInjector:
         self._model_hooked = False
         self._rearm: tuple[Callable[[torch.Tensor], torch.Tensor], int, bool] | None = None  # for a rerun
         self._flip_at: int | None = None  # the step whose gradients get a flipped bit
+        self._slow_s = 0.0  # slow_rank: still to be slept in this step's forwards
         self._module: torch.nn.Module | None = None
         if model is not None:
             self.attach(model)
@@ -173,7 +177,12 @@ class FaultInjector:
 
     def due(self, step: int) -> list[FaultInjection]:
         """This rank's injections at `step` that should fire now (a `once` injection fires a single time)."""
-        return [f for f in self.faults if f.step == step and not (f.once and self.has_fired(f))]
+        return [f for f in self.faults if f.step == step and f.kind != "slow_rank" and
+                not (f.once and self.has_fired(f))]
+
+    def slow_for(self, step: int) -> float:
+        """Seconds of slowness this rank's forwards get at `step`."""
+        return sum(f.seconds for f in self.faults if f.kind == "slow_rank" and f.step <= step < f.step + f.steps)
 
     def has_fired(self, fault: FaultInjection) -> bool:
         key = self._marker(fault)
@@ -188,6 +197,7 @@ class FaultInjector:
     def before_forward(self, step: int, micro_batches: list[dict]) -> list[dict]:
         """Fire what is due at `step`; returns the (possibly corrupted) micro-batches to train on."""
         self._loss_fn, self._loss_calls, self._rearm = None, 0, None
+        self._slow_s = self.slow_for(step)
         for fault in self.due(step):
             self._mark_fired(fault)
             log.warning("fault injection: %s at step %d on rank %d", fault.kind, step, self.rank)
@@ -253,6 +263,9 @@ class FaultInjector:
                     self.rank, step, float(element), float(flipped))
 
     def _on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if self._slow_s > 0:
+            time.sleep(self._slow_s)  # inside the forward: counted as this rank's own compute
+            self._slow_s = 0.0
         if self._loss_fn is None or self._loss_calls <= 0:
             return None
         self._loss_calls -= 1

@@ -120,10 +120,11 @@ class StepEngine:
         normalizer = max(global_labels, 1.0) / s.world_size
         ce_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync per step
         last = len(micro_batches) - 1
+        forward = Stopwatch(device)  # this rank's own compute: a forward waits on no other rank's
         for i, mb in enumerate(micro_batches):
             inputs = {k: mb[k].to(device, non_blocking=True) for k in BATCH_KEYS if mb.get(k) is not None}
             with contextlib.nullcontext() if i == last else s.no_sync():
-                with autocast(self.cfg.precision.dtype, device):
+                with autocast(self.cfg.precision.dtype, device), forward:
                     out = self.model(**inputs, loss_normalizer=normalizer)
                 s.backward(self.scaler.scale_loss(out.loss))
             ce_sum += out.metrics["ce"].detach().double() * out.metrics["label_tokens"]
@@ -137,7 +138,7 @@ class StepEngine:
         # the metrics, and a rank whose gradients differ from the others' (they are the same numbers on every
         # rank once reduced) can be named.
         per_rank = s.all_gather_floats([float(ce_sum), data_wait_s + time.perf_counter() - t0, data_wait_s,
-                                        float(grad_norm), float(notice)])
+                                        float(grad_norm), float(notice), forward.seconds()])
         loss = math.fsum(r[0] for r in per_rank) / max(global_labels, 1.0)
 
         # Judged on every rank's norm, so that every rank takes the same view of whether it may apply.
@@ -164,7 +165,7 @@ class StepEngine:
             metrics={"forward_backward_s": t_backward - t0, "micro_batches": len(micro_batches),
                      "rank_busy_s": [r[1] for r in per_rank], "rank_data_wait_s": [r[2] for r in per_rank],
                      "rank_ce_sum": [r[0] for r in per_rank], "rank_grad_norm": [r[3] for r in per_rank],
-                     "rank_notice": [bool(r[4]) for r in per_rank]},
+                     "rank_notice": [bool(r[4]) for r in per_rank], "rank_forward_s": [r[5] for r in per_rank]},
         )
         if self.scaler.enabled:
             stats.metrics["loss_scale"] = self.scaler.scale
@@ -297,6 +298,39 @@ class StepEngine:
         if extra is not None:
             self.ema.load_state_dict(extra["ema"])
         self._pending = None
+
+
+class Stopwatch:
+    """Time spent inside `with stopwatch:` blocks; on a GPU measured by CUDA events (read once the step's
+    collective has synchronised), on a CPU by the clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pairs: list = []
+        self.total = 0.0
+        self._t0 = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        if self.cuda:
+            self.pairs.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.pairs[-1][0].record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.cuda:
+            self.pairs[-1][1].record()
+        else:
+            self.total += time.perf_counter() - self._t0
+        return False
+
+    def seconds(self) -> float:
+        if self.cuda:
+            if self.pairs:
+                self.pairs[-1][1].synchronize()  # the step's loss was read already: this does not wait
+            return sum(a.elapsed_time(b) for a, b in self.pairs) / 1000.0
+        return self.total
 
 
 def _rng_state(device: torch.device) -> tuple:

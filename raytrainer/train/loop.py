@@ -199,6 +199,8 @@ class Trainer:
             return self.rollback(step, decision)
         applied = self.engine.apply(skip=decision.action == "skip", lr_factor=decision.lr_factor)
         self.record(step, stats, decision, applied)
+        if decision.stragglers and self.env.rank == 0:
+            self.note_stragglers(step, stats, decision)
         step += 1
         if self.eval_due(step):
             self.evaluate(step)
@@ -238,6 +240,20 @@ class Trainer:
         if decision.action != "continue" and self.env.rank == 0:  # the driver's view prints it
             log.info("step %d: guardian says %s (%s)", step, decision.action, decision.reason)
         return decision
+
+    def note_stragglers(self, step: int, stats: StepStats, decision: Decision) -> None:
+        """Rank 0: a rank the guardian has just named slow goes on record and to the driver, once."""
+        own = [f + w for f, w in zip(stats.metrics.get("rank_forward_s", []),
+                                     stats.metrics.get("rank_data_wait_s", []), strict=False)]
+        for rank in decision.stragglers:
+            node = self.env.nodes[rank] if rank < len(self.env.nodes) else None
+            self.note("straggler", step=step, rank=rank, node=node, own_s=own[rank] if rank < len(own) else None,
+                      exclude=decision.exclude_nodes)
+            log.warning("step %d: rank %d%s is a straggler: its data wait + forwards took %.3g s a step for "
+                        "guardian.straggler_steps=%d steps, over guardian.straggler_factor=%g x the others'; see "
+                        "the run's guardian/events.jsonl", step, rank, f" on node {node}" if node else "",
+                        own[rank] if rank < len(own) else float("nan"), self.cfg.guardian.straggler_steps,
+                        self.cfg.guardian.straggler_factor)
 
     def rerun(self, step: int, micro_batches: list[dict], stats: StepStats, data_wait: float
               ) -> tuple[StepStats, Decision]:

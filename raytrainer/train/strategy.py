@@ -197,7 +197,9 @@ class DDPStrategy(Strategy):
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids)
+        # The model's buffers are constants (RoPE tables), identical on every rank by construction: a
+        # broadcast of them before every forward would only make each forward wait on the slowest rank.
+        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
     def no_sync(self):
         return self.model.no_sync() if hasattr(self.model, "no_sync") else contextlib.nullcontext()
