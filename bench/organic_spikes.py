@@ -1,21 +1,23 @@
 """Organic loss spikes: provoke real ones on real text, label them from the whole curve, score the detectors.
 
-Nothing here is injected. The `tiny` preset trains on the sample corpus (Python's own prose and code) in
-process, with the guardian off, at its own learning rate and at settings that make training unstable (a
-higher peak rate, no warmup). Each run's every-step loss and grad norm are kept in
-bench/results/organic_curves.json, so `--replay` can score changed detectors without training again.
+Nothing here is injected. Runs train in process, with the guardian off, on the sample corpus (Python's own
+prose and code): the micro model of the test suite (tests/runs.py, seconds per run) at the `tiny` preset's
+learning rate and at rates that make training unstable (higher, no warmup), and, with --preset, the `tiny`
+preset itself as shipped (2-3 s a step on 2 cores). Curves of runs made elsewhere join with --metrics (a
+run's metrics/*.jsonl: the default job's, say). Every step's loss and grad norm go to
+bench/results/organic_curves.json, so `--replay` scores changed detectors without training again.
 
 Labels come from the whole curve, after the fact: the baseline at step t is the median loss of the 32 steps
 before it, and a spike is a run of consecutive steps whose loss stays above 1.5x that baseline; it *doubles*
 when its peak exceeds 2x the baseline at its first step. The detectors (raytrainer.fault.detectors, with
-the preset's guardian settings) then see the curve step by step as the guardian would, learning only
-from the steps they call healthy. Reported:
+the `tiny` preset's guardian settings) then see each curve step by step as the guardian would, learning
+only from the steps they call healthy. Reported:
 
 - recall: doubling spikes caught within 2 steps of their first step (target: all of them);
 - false alarms: findings outside every labelled spike (and the 3 steps after one), on every run;
-- interventions on the runs at the preset learning rate whose curves have no doubling spike (target: 0).
+- interventions on the runs at the preset learning rate (target: 0).
 
-    .venv/bin/python bench/organic_spikes.py [--steps 200] [--replay]
+    .venv/bin/python bench/organic_spikes.py [--preset] [--metrics runs/tiny/metrics/X.jsonl] [--replay]
 """
 
 from __future__ import annotations
@@ -44,14 +46,16 @@ DOUBLING = 2.0
 CATCH_WITHIN = 2
 AFTERGLOW = 3  # steps after a spike ends in which a finding is not a false alarm
 
-# (name, overrides): the preset's own settings, and the ways people make training unstable.
-SETTINGS = [
-    ("preset-seed0", []),
-    ("preset-seed1", ["train.seed=1"]),
-    ("lr-1e-2-nowarmup", ["optim.lr=1e-2", "schedule.warmup_steps=0"]),
-    ("lr-3e-2", ["optim.lr=3e-2"]),
+# (name, model, overrides, steps): the preset's own rate, and the ways people make training unstable.
+MICRO_RUNS = [
+    ("micro-lr3e-3", ["optim.lr=3e-3"], 300),
+    ("micro-lr3e-3-seed1", ["optim.lr=3e-3", "train.seed=1"], 300),
+    ("micro-lr3e-2", ["optim.lr=3e-2"], 300),
+    ("micro-lr3e-2-seed1", ["optim.lr=3e-2", "train.seed=1"], 300),
+    ("micro-lr1e-1-nowarmup", ["optim.lr=1e-1", "schedule.warmup_steps=0"], 300),
 ]
-PRESET_RUNS = ("preset-seed0", "preset-seed1")
+PRESET_RUNS = [("tiny-preset", [], 200)]
+PRESET_LR = 3e-3  # the tiny preset's optim.lr: runs at it are the clean ones
 
 
 def dataset_path() -> str:
@@ -75,19 +79,38 @@ def train_curve(cfg: Config) -> list[dict]:
     return [{"step": h["step"], "loss": h["loss"], "grad_norm": h["grad_norm"]} for h in history if "loss" in h]
 
 
-def record(steps: int) -> dict:
-    data = dataset_path()
+def run_config(name: str, model: list[str], overrides: list[str], steps: int, data: str, storage: str) -> Config:
+    return load_config("tiny", [*model, f"data.path={data}", f"checkpoint.storage={storage}", f"run.name={name}",
+                                f"train.steps={steps}", "guardian.enabled=false", "eval.every_steps=null",
+                                "metrics.report=false", "metrics.tensorboard=false",
+                                "checkpoint.every_steps=100000", *overrides])
+
+
+def record(preset: bool) -> dict:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from runs import MICRO_MODEL, make_dataset
+
     curves = {}
-    for name, overrides in SETTINGS:
-        with tempfile.TemporaryDirectory(prefix="rt-organic-") as tmp:
-            cfg = load_config("tiny", [f"data.path={data}", f"checkpoint.storage={tmp}", f"run.name={name}",
-                                       f"train.steps={steps}", "guardian.enabled=false", "eval.every_steps=null",
-                                       "metrics.report=false", "metrics.tensorboard=false",
-                                       "checkpoint.every_steps=100000", *overrides])
+    with tempfile.TemporaryDirectory(prefix="rt-organic-") as tmp:
+        micro_data = str(make_dataset(Path(tmp)))
+        runs = [(n, MICRO_MODEL, o, s, micro_data) for n, o, s in MICRO_RUNS]
+        if preset:
+            runs += [(n, [], o, s, dataset_path()) for n, o, s in PRESET_RUNS]
+        for name, model, overrides, steps, data in runs:
+            cfg = run_config(name, model, overrides, steps, data, tmp)
             t0 = time.perf_counter()
-            curves[name] = {"overrides": overrides, "lr": cfg.optim.lr, "curve": train_curve(cfg)}
+            curves[name] = {"model": "micro" if model else "tiny", "overrides": overrides, "lr": cfg.optim.lr,
+                            "curve": train_curve(cfg)}
             print(f"{name}: {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
-    return {"preset": "tiny", "steps": steps, "runs": curves}
+    return {"guardian_preset": "tiny", "runs": curves}
+
+
+def curve_from_metrics(path: Path) -> dict:
+    """A run's every-step record (raytrainer's metrics/*.jsonl): the steps of its last attempt."""
+    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r for r in steps if r.get("kind") == "step"]
+    return {"model": "tiny", "overrides": [f"from {path}"], "lr": PRESET_LR,
+            "curve": [{"step": r["step"], "loss": r["loss"], "grad_norm": r["grad_norm"]} for r in steps]}
 
 
 # --------------------------------------------------------------------------- labels and scores
@@ -124,7 +147,7 @@ def replay(curve: list[dict], cfg: Config) -> list[dict]:
 
 
 def score(data: dict) -> dict:
-    cfg = load_config(data["preset"])
+    cfg = load_config(data["guardian_preset"])
     start = cfg.guardian.warmup_exempt_steps
     table, caught, doubling, false_alarms, preset_interventions = [], 0, 0, 0, 0
     for name, run in data["runs"].items():
@@ -143,11 +166,12 @@ def score(data: dict) -> dict:
         false = [f for f in found if f["step"] not in inside]
         false_alarms += len(false)
         clean = not any(s["doubling"] for s in spikes)
-        if name in PRESET_RUNS and clean:
+        if run["lr"] == PRESET_LR:
             preset_interventions += len(found)
         table.append({"run": name, "lr": run["lr"], "spikes": spikes, "findings": found, "false_alarms": false,
                       "clean": clean})
-    return {"doubling_spikes": doubling, "caught_within_2": caught, "false_alarms": false_alarms,
+    return {"guardian": cfg.guardian.model_dump(), "doubling_spikes": doubling, "caught_within_2": caught,
+            "false_alarms": false_alarms,
             "interventions_on_clean_preset_runs": preset_interventions, "runs": table}
 
 
@@ -170,7 +194,9 @@ def print_table(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--preset", action="store_true", help="also train the tiny preset as shipped (slow)")
+    parser.add_argument("--metrics", action="append", default=[], type=Path,
+                        help="add the curve of a run's metrics/*.jsonl (repeatable)")
     parser.add_argument("--replay", action="store_true", help="score the curves already recorded")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -178,7 +204,10 @@ def main() -> None:
     if args.replay:
         data = json.loads(CURVES.read_text())
     else:
-        data = record(args.steps)
+        data = record(args.preset)
+    for path in args.metrics:
+        data["runs"][f"metrics:{path.parent.parent.name}/{path.stem}"] = curve_from_metrics(path)
+    if not args.replay or args.metrics:
         CURVES.write_text(json.dumps(data))
     result = score(data)
     (RESULTS / "organic_spikes.json").write_text(json.dumps(result, indent=2))

@@ -117,7 +117,7 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
                         exc_info=True)
             return super()._count_possible_workers(reserved_resources)
         excluded = self.excluded_nodes() & set(reserved_resources)
-        live -= excluded
+        live = live - excluded  # a new set: the liveness cache keeps what the probe found
         lost = set(reserved_resources) - live
         if lost - self.lost_nodes:
             log.warning("node(s) %s are gone or excluded by the guardian; sizing the worker group without them",

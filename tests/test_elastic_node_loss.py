@@ -65,6 +65,38 @@ def test_workers_are_counted_only_on_nodes_alive_now(monkeypatch):
         listening.close()
 
 
+def test_nodes_the_guardian_excluded_are_left_out_like_lost_ones(monkeypatch):
+    import socket
+
+    from raytrainer import elastic
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    try:
+        nodes = [fake_node("a" * 56, listening.getsockname()[1]), fake_node("b" * 56, listening.getsockname()[1])]
+        monkeypatch.setattr(elastic.ray, "nodes", lambda: nodes)
+        policy = elastic.NodeLossAwareElasticPolicy(elastic_scaling(), 600, 30, run_name="r")
+        asked = []
+
+        class Guardian:  # the run's guardian actor, as ray.get_actor finds it
+            class excluded_nodes:  # noqa: N801 - mimics an actor method handle
+                @staticmethod
+                def remote():
+                    asked.append(True)
+                    return ["b" * 56]
+
+        monkeypatch.setattr(elastic.ray, "get_actor", lambda name, namespace: Guardian)
+        monkeypatch.setattr(elastic.ray, "get", lambda ref, timeout: ref)
+        slot = {"CPU": 2.0, "trainer_slot": 1.0}
+        assert policy._count_possible_workers({n["NodeID"]: slot for n in nodes}) == 1 and asked
+        selector = policy.on_controller_start_worker_group(scaling_config=elastic_scaling(), num_workers=1)
+        assert selector == {elastic.NODE_ID_LABEL: f"!in({'b' * 56})"}
+        # No guardian to ask (switched off, or restarting): nothing is excluded, the run goes on.
+        monkeypatch.setattr(elastic.ray, "get_actor", lambda name, namespace: (_ for _ in ()).throw(ValueError()))
+        assert policy._count_possible_workers({n["NodeID"]: slot for n in nodes}) == 2
+    finally:
+        listening.close()
+
+
 def test_only_the_first_start_waits_the_start_timeout(monkeypatch):
     from ray.train.v2._internal.execution.controller.state import RunningState, SchedulingState
     from ray.train.v2._internal.execution.scaling_policy import ResizeDecision

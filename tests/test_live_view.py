@@ -37,6 +37,17 @@ def test_a_log_gets_a_line_per_event_and_every_log_every_steps():
     assert "eta 39s" in steps[-1]  # 79 steps left at a median 0.5 s
 
 
+def test_hardware_faults_and_stragglers_get_a_line_each():
+    out = io.StringIO()
+    view = LiveView(total_steps=100, log_every=10, out=out, tty=False)
+    view.feed({"kind": "suspect_hardware", "step": 22, "ranks": [1], "nodes": ["node-b"], "exclude": ["node-b"]})
+    view.feed({"kind": "straggler", "step": 40, "rank": 0, "node": "node-a", "own_s": 0.31})
+    assert out.getvalue().splitlines() == [
+        "step 22: a transient fault on rank 1 on node node-b (the step recomputed gave other numbers); the clean "
+        "rerun was used; node node-b is EXCLUDED",
+        "step 40: rank 0 on node node-a is a straggler (0.31 s of its own per step, slower than the others)"]
+
+
 def test_a_terminal_gets_one_bar_and_the_events_above_it():
     out = io.StringIO()
     view = LiveView(total_steps=50, log_every=10, out=out, tty=True)

@@ -107,3 +107,22 @@ def test_a_run_without_metrics_says_what_is_missing(tmp_path, capsys):
 def test_history_of_a_run_that_never_stepped(records):
     history = build_history(records)
     assert history.steps == [] and (history.empty == (not records))
+
+
+def test_the_report_names_suspect_hardware_excluded_nodes_and_stragglers(tmp_path):
+    from raytrainer.fault.events import EventLog, RunStore
+
+    root = tmp_path / "runs" / "hw"
+    _write_run(open_storage(str(root)), _records(rollback=False))
+    log = EventLog(RunStore.local(root / "guardian"))
+    for event in ({"event": "suspect_hardware", "step": 22, "ranks": [1], "nodes": ["node-b"],
+                   "reason": "step 22 gave loss 3 then 3.1: a transient fault on rank 1 on node node-b"},
+                  {"event": "exclude_node", "step": 31, "node": "node-b", "reason": "2 transient faults on node-b"},
+                  {"event": "straggler", "step": 40, "rank": 0, "node": "node-a", "reason": "rank 0 is slow"}):
+        log.append(event)
+    log.flush()
+    assert main(["report", "--run", str(root)]) == 0
+    md = (root / "report" / "report.md").read_text()
+    section = md.split("## Hardware")[1]
+    assert "| 22 | suspect_hardware | rank 1 | node-b |" in section
+    assert "| 31 | exclude_node | - | node-b |" in section and "| 40 | straggler | rank 0 | node-a |" in section

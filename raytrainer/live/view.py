@@ -89,6 +89,18 @@ class LiveView:
                     "workers from the newest complete checkpoint, unless parallel.max_failures is spent")
         if kind == "log":
             return self._on_log(r)
+        if kind == "suspect_hardware":
+            where = ", ".join(f"rank {rank}" for rank in r.get("ranks", [])) or "no single rank"
+            nodes = f" on node {', '.join(r['nodes'])}" if r.get("nodes") else ""
+            excluded = f"; node {', '.join(r['exclude'])} is EXCLUDED" if r.get("exclude") else ""
+            return (f"step {r.get('step')}: a transient fault on {where}{nodes} (the step recomputed gave other "
+                    f"numbers); the clean rerun was used{excluded}")
+        if kind == "straggler":
+            node = f" on node {r['node']}" if r.get("node") else ""
+            own = _num(r.get("own_s"), ".3g")
+            return f"step {r.get('step')}: rank {r.get('rank')}{node} is a straggler ({own} s of its own per step, " \
+                   "slower than the others)"
+
         if kind == "abort":
             return f"step {r.get('step')}: the guardian ABORTED the run: {r.get('reason')}"
         if kind == "finish":

@@ -123,8 +123,9 @@ def require_metrics(history: RunHistory, run: Storage) -> None:
 def run_document(run: Storage, checkpoints: list[dict] | None = None) -> Document:
     history = read_history(run)
     require_metrics(history, run)
-    guardian = [e for e in read_events(RunStore(run.fs, run.path("guardian")))
-                if e.get("event") in ("skip", "rollback", "abort", "rollback_fallback")]
+    events = read_events(RunStore(run.fs, run.path("guardian")))
+    guardian = [e for e in events if e.get("event") in ("skip", "rollback", "abort", "rollback_fallback")]
+    hardware = [e for e in events if e.get("event") in HARDWARE_EVENTS]
     config = _read_config(run)
     doc = Document(f"Run report: {run.url}")
     doc.sections.append(("Summary", summary_lines(history, config, checkpoints)))
@@ -136,6 +137,7 @@ def run_document(run: Storage, checkpoints: list[dict] | None = None) -> Documen
             f"| {e['step']} | {_fmt(e.get('val_loss'))} | {_fmt(e.get('val_perplexity'), '.2f')} |"
             for e in history.evals]))
     doc.sections.append(("Guardian decisions", _guardian_lines(guardian)))
+    doc.sections.append(("Hardware: transient faults, excluded nodes, stragglers", _hardware_lines(hardware)))
     doc.sections.append(("Recovery events", _event_lines(history)))
     if checkpoints is not None:
         doc.sections.append(("Checkpoints", ["| step | complete | world size | pinned |", "|---|---|---|---|"] + [
@@ -194,6 +196,25 @@ def _guardian_lines(events: list[dict]) -> list[str]:
     return ["| step | decision | reason |", "|---|---|---|"] + [
         f"| {e.get('step')} | {e['event']}{' to ' + str(e['rollback_to']) if e.get('rollback_to') is not None else ''}"
         f" | {str(e.get('reason', '')).splitlines()[0] if e.get('reason') else ''} |" for e in events]
+
+
+HARDWARE_EVENTS = ("suspect_hardware", "exclude_node", "straggler", "straggler_recovered")
+
+
+def _hardware_lines(events: list[dict]) -> list[str]:
+    """What the reruns and the straggler watch found: which rank, which node, and what happened next."""
+    if not events:
+        return ["No transient fault, excluded node or straggler."]
+    rows = []
+    for e in events:
+        kind = e["event"]
+        if kind == "suspect_hardware":
+            where = ", ".join(f"rank {r}" for r in e.get("ranks", [])) or "no single rank"
+            nodes = ", ".join(e.get("nodes") or []) or "-"
+        else:
+            where, nodes = (f"rank {e['rank']}" if "rank" in e else "-"), e.get("node") or "-"
+        rows.append(f"| {e.get('step')} | {kind} | {where} | {nodes} | {str(e.get('reason', '')).splitlines()[0]} |")
+    return ["| step | event | rank | node | detail |", "|---|---|---|---|---|", *rows]
 
 
 def _event_lines(history: RunHistory) -> list[str]:
