@@ -175,6 +175,40 @@ def score(data: dict) -> dict:
             "interventions_on_clean_preset_runs": preset_interventions, "runs": table}
 
 
+# The organic spike a run of the tiny preset went through on real prose: loss 2.54 at step 100, 3.94 at 110,
+# 5.87 at 120, 2.61 at 130 (logged every 10 steps). Its shape, as factors over the loss before it.
+REPORTED_SHAPE = [(0, 1.0), (10, 3.94 / 2.54), (20, 5.87 / 2.54), (30, 2.61 / 2.54)]
+
+
+def reported_shape(length: int = 31) -> list[float]:
+    out = []
+    for t in range(length):
+        (a, fa), (b, fb) = next(((p, q) for p, q in zip(REPORTED_SHAPE, REPORTED_SHAPE[1:], strict=False)
+                                  if p[0] <= t <= q[0]), (REPORTED_SHAPE[-2], REPORTED_SHAPE[-1]))
+        out.append(fa + (fb - fa) * (t - a) / (b - a))
+    return out
+
+
+def score_reported_shape(data: dict, at: int = 60) -> list[dict]:
+    """The reported spike's shape laid over each clean curve at step `at`: the step the detectors first
+    fire, against the step the loss first exceeds twice the baseline (the doubling)."""
+    cfg = load_config(data["guardian_preset"])
+    rows = []
+    for name, run in data["runs"].items():
+        if run["lr"] != PRESET_LR or len(run["curve"]) < at + 31:
+            continue
+        curve = [dict(p) for p in run["curve"]]
+        base = statistics.median(p["loss"] for p in curve[at - LABEL_WINDOW:at])
+        for t, factor in enumerate(reported_shape()):
+            curve[at + t]["loss"] *= factor
+        doubled = next(at + t for t in range(31) if curve[at + t]["loss"] > DOUBLING * base)
+        found = [f["step"] for f in replay(curve, cfg) if f["step"] >= at]
+        first = found[0] if found else None
+        rows.append({"run": name, "at": at, "doubled_at": doubled, "caught_at": first,
+                     "latency_after_doubling": None if first is None else first - doubled})
+    return rows
+
+
 def print_table(result: dict) -> None:
     print(f"{'run':<20}{'lr':>8}{'spikes':>8}{'doubling':>10}{'caught':>8}{'findings':>10}{'false':>7}")
     for r in result["runs"]:
@@ -187,6 +221,9 @@ def print_table(result: dict) -> None:
                   f"caught at {s['caught_at']}")
         for f in r["false_alarms"]:
             print(f"    false alarm at step {f['step']}: {f['detail']}")
+    for r in result["reported_shape"]:
+        print(f"reported spike's shape over {r['run']} at step {r['at']}: doubles at {r['doubled_at']}, caught at "
+              f"{r['caught_at']} ({r['latency_after_doubling']} steps after the doubling)")
     print(f"doubling spikes caught within {CATCH_WITHIN} steps: {result['caught_within_2']}/"
           f"{result['doubling_spikes']}; false alarms: {result['false_alarms']}; interventions on clean preset "
           f"runs: {result['interventions_on_clean_preset_runs']}")
@@ -210,6 +247,7 @@ def main() -> None:
     if not args.replay or args.metrics:
         CURVES.write_text(json.dumps(data))
     result = score(data)
+    result["reported_shape"] = score_reported_shape(data)
     (RESULTS / "organic_spikes.json").write_text(json.dumps(result, indent=2))
     print_table(result)
 

@@ -121,6 +121,7 @@ def run_two_ranks(rank: int, world_size: int, out_dir, dataset, storage: str):
     cfg = micro_config(dataset, storage, name="two", steps=40, extra=[
         "parallel.max_workers=2", "checkpoint.every_steps=10",
         "faults=[{step: 22, kind: grad_bitflip, rank: 1}, {step: 27, kind: loss_spike, rank: 0}, "
+        "{step: 27, kind: loss_spike, rank: 1}, "
         "{step: 31, kind: grad_bitflip, rank: 1}, {step: 1, kind: slow_rank, rank: 0, steps: 30, seconds: 0.25}]"])
     env = WorkerEnv(rank=rank, world_size=world_size, broadcast=broadcast_from_rank0, nodes=["node-a", "node-b"])
     events = EventLog(RunStore.for_run(cfg)) if rank == 0 else None
