@@ -100,6 +100,7 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
         self.has_trained = False
         self.lost_nodes: set[str] = set()
         self._looked: tuple[float, frozenset[str], set[str]] | None = None  # (when, asked about, live)
+        self._asked: tuple[float, set[str]] | None = None  # (when, the guardian's excluded nodes)
 
     def _live(self, node_ids: frozenset[str]) -> set[str]:
         now = time.monotonic()
@@ -129,13 +130,18 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
         """The nodes the run's guardian excluded (none when it cannot be asked: the run must go on)."""
         if self.run_name is None:
             return set()
+        now = time.monotonic()
+        if self._asked is not None and now - self._asked[0] < LIVENESS_CACHE_S:
+            return self._asked[1]
         from raytrainer.fault.guardian_actor import NAMESPACE, actor_name
 
         try:
             actor = ray.get_actor(actor_name(self.run_name), namespace=NAMESPACE)
-            return set(ray.get(actor.excluded_nodes.remote(), timeout=10))
+            excluded = set(ray.get(actor.excluded_nodes.remote(), timeout=10))
         except Exception:  # no guardian (guardian.enabled=false), or it is restarting
-            return set()
+            excluded = set()
+        self._asked = (time.monotonic(), excluded)
+        return excluded
 
     def on_controller_start_worker_group(self, *, scaling_config: ScalingConfig,
                                          num_workers: int) -> dict[str, str] | None:

@@ -86,12 +86,16 @@ def test_nodes_the_guardian_excluded_are_left_out_like_lost_ones(monkeypatch):
 
         monkeypatch.setattr(elastic.ray, "get_actor", lambda name, namespace: Guardian)
         monkeypatch.setattr(elastic.ray, "get", lambda ref, timeout: ref)
+        clock = [1000.0]  # the policy asks the guardian (and probes the nodes) at most once a second
+        monkeypatch.setattr(elastic.time, "monotonic", lambda: clock[0])
         slot = {"CPU": 2.0, "trainer_slot": 1.0}
         assert policy._count_possible_workers({n["NodeID"]: slot for n in nodes}) == 1 and asked
         selector = policy.on_controller_start_worker_group(scaling_config=elastic_scaling(), num_workers=1)
         assert selector == {elastic.NODE_ID_LABEL: f"!in({'b' * 56})"}
         # No guardian to ask (switched off, or restarting): nothing is excluded, the run goes on.
         monkeypatch.setattr(elastic.ray, "get_actor", lambda name, namespace: (_ for _ in ()).throw(ValueError()))
+        assert policy._count_possible_workers({n["NodeID"]: slot for n in nodes}) == 1  # asked a moment ago
+        clock[0] += 1.5
         assert policy._count_possible_workers({n["NodeID"]: slot for n in nodes}) == 2
     finally:
         listening.close()

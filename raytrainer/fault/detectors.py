@@ -234,8 +234,7 @@ class Detectors:
             return [non_finite]
         if step < self.cfg.warmup_exempt_steps:
             return []
-        findings = [f for f in (check_loss_spike(loss, self.losses, self.cfg),
-                                check_grad_spike(grad_norm, self.log_grad_norms, self.cfg)) if f is not None]
+        findings = self._spikes(loss, grad_norm)
         if self.divergence.would_fire(loss):
             findings.append(Finding(DIVERGENCE, "the loss stays above its baseline"))
         return findings
@@ -252,14 +251,17 @@ class Detectors:
             self._learn(step, loss, grad_norm)
             return []
         self._note_rise(step, self.elevated(loss))
-        findings = [f for f in (check_loss_spike(loss, self.losses, self.cfg),
-                                check_grad_spike(grad_norm, self.log_grad_norms, self.cfg)) if f is not None]
+        findings = self._spikes(loss, grad_norm)
         diverged = self.divergence.update(step, loss)
         if diverged is not None:
             findings.append(diverged)
         if not findings:
             self._learn(step, loss, grad_norm)
         return findings
+
+    def _spikes(self, loss: float, grad_norm: float) -> list[Finding]:
+        return [f for f in (check_loss_spike(loss, self.losses, self.cfg),
+                            check_grad_spike(grad_norm, self.log_grad_norms, self.cfg)) if f is not None]
 
     def elevated(self, loss: float) -> bool:
         """Loss more than `healthy_rise` above the baseline (or no baseline yet to tell)."""

@@ -155,7 +155,7 @@ class StepReport:
             cursor=cursor,
             rank_ce_sum=_floats(metrics.get("rank_ce_sum")),
             rank_grad_norm=_floats(metrics.get("rank_grad_norm")),
-            rank_own_s=_own_times(metrics),
+            rank_own_s=_floats(metrics.get("rank_own_s")),
             nodes=None if nodes is None else [str(n) for n in nodes],
             rerun=None if rerun is None else cls.from_stats(step, rerun, cursor, lr=lr, batch=batch, nodes=nodes),
         )
@@ -235,13 +235,13 @@ class Guardian:
         disagree = check_ranks_agree(report.rank_grad_norm, self.cfg.rerun_tolerance)
         findings += [disagree] if disagree is not None else []
         if not findings:
-            return Decision("continue", lr_factor=lr_factor, rerun=verdict, suspects=suspects,
-                            exclude_nodes=exclude, stragglers=slow)
-        self._verdict = verdict  # the decision's event says what the rerun showed
-        try:
-            decision = self._anomaly(report, batch, findings, lr_factor)
-        finally:
-            self._verdict = None
+            decision = Decision("continue", lr_factor=lr_factor)
+        else:
+            self._verdict = verdict  # the decision's event says what the rerun showed
+            try:
+                decision = self._anomaly(report, batch, findings, lr_factor)
+            finally:
+                self._verdict = None
         decision.rerun, decision.suspects, decision.exclude_nodes = verdict, suspects, exclude
         decision.stragglers = slow
         return decision
@@ -694,14 +694,6 @@ def _describe(findings: list[Finding]) -> str:
 
 def _scalar(x: Any) -> float:
     return float(x.item()) if hasattr(x, "item") else float(x)
-
-
-def _own_times(metrics: dict) -> list[float] | None:
-    forwards, waits = metrics.get("rank_forward_s"), metrics.get("rank_data_wait_s")
-    if forwards is None:
-        return None
-    waits = waits if waits is not None and len(waits) == len(forwards) else [0.0] * len(forwards)
-    return [float(f) + float(w) for f, w in zip(forwards, waits, strict=True)]
 
 
 def _floats(values: Any) -> list[float] | None:

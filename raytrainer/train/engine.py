@@ -100,12 +100,11 @@ class StepEngine:
 
     # ------------------------------------------------------------------ the step
 
-    def forward_backward(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0,
-                         notice: bool = False) -> StepStats:
+    def forward_backward(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0) -> StepStats:
         """Forward and backward every micro-batch of this rank; gradients are synchronised on the last one.
         Returns the global loss and pre-clip grad norm, and every rank's time for this step so far
-        (`data_wait_s`, the wait for its batch, plus its forward, backward and norm), summed loss, grad norm
-        and `notice` (this rank was told to stop: `rank_notice`)."""
+        (`data_wait_s`, the wait for its batch, plus its forward, backward and norm), own time (its data wait
+        and forwards, which wait on no other rank), summed loss and grad norm."""
         if self._pending is not None:
             raise RuntimeError(f"forward_backward(step={step}) while step {self._pending.step} still waits for "
                                "apply() or zero_grad(): its gradients would leak into this step")
@@ -138,7 +137,7 @@ class StepEngine:
         # the metrics, and a rank whose gradients differ from the others' (they are the same numbers on every
         # rank once reduced) can be named.
         per_rank = s.all_gather_floats([float(ce_sum), data_wait_s + time.perf_counter() - t0, data_wait_s,
-                                        float(grad_norm), float(notice), forward.seconds()])
+                                        float(grad_norm), data_wait_s + forward.seconds()])
         loss = math.fsum(r[0] for r in per_rank) / max(global_labels, 1.0)
 
         # Judged on every rank's norm, so that every rank takes the same view of whether it may apply.
@@ -165,15 +164,14 @@ class StepEngine:
             metrics={"forward_backward_s": t_backward - t0, "micro_batches": len(micro_batches),
                      "rank_busy_s": [r[1] for r in per_rank], "rank_data_wait_s": [r[2] for r in per_rank],
                      "rank_ce_sum": [r[0] for r in per_rank], "rank_grad_norm": [r[3] for r in per_rank],
-                     "rank_notice": [bool(r[4]) for r in per_rank], "rank_forward_s": [r[5] for r in per_rank]},
+                     "rank_own_s": [r[4] for r in per_rank]},
         )
         if self.scaler.enabled:
             stats.metrics["loss_scale"] = self.scaler.scale
         self._pending = stats
         return stats
 
-    def recompute(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0,
-                  notice: bool = False) -> StepStats:
+    def recompute(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0) -> StepStats:
         """The pending step again: its gradients dropped, the same micro-batches from the same parameters and
         RNG state. Every rank calls it (it has the step's collectives)."""
         if self._pending is None or self._pending.step != step:
@@ -181,7 +179,7 @@ class StepEngine:
         rng = self._rng_before
         self.zero_grad()  # the loss scale stays: the same step again, at the same scale
         _set_rng_state(rng, self.strategy.device)
-        stats = self.forward_backward(micro_batches, step, data_wait_s=data_wait_s, notice=notice)
+        stats = self.forward_backward(micro_batches, step, data_wait_s=data_wait_s)
         stats.metrics["recomputed"] = True
         return stats
 

@@ -243,8 +243,7 @@ class Trainer:
 
     def note_stragglers(self, step: int, stats: StepStats, decision: Decision) -> None:
         """Rank 0: a rank the guardian has just named slow goes on record and to the driver, once."""
-        own = [f + w for f, w in zip(stats.metrics.get("rank_forward_s", []),
-                                     stats.metrics.get("rank_data_wait_s", []), strict=False)]
+        own = stats.metrics.get("rank_own_s", [])
         for rank in decision.stragglers:
             node = self.env.nodes[rank] if rank < len(self.env.nodes) else None
             self.note("straggler", step=step, rank=rank, node=node, own_s=own[rank] if rank < len(own) else None,
