@@ -363,6 +363,9 @@ class GuardianConfig(Section):
     straggler_factor: float = Field(1.5, gt=1)  # a rank's median own time (data wait + forwards) vs the others'
     straggler_steps: int = Field(20, gt=0)  # ... over this many steps: it is named
     straggler_exclude: bool = False  # ... and its node is excluded like a faulty one
+    blame_documents: bool = True  # a reproduced loss spike: blacklist the few documents without which it is none
+    blame_max_docs: int = Field(8, gt=0)  # ... at most this many
+    blame_max_tokens: float = Field(0.75, gt=0, lt=1)  # ... holding at most this share of the batch's label tokens
 
     @model_validator(mode="after")
     def _windows_fit(self) -> GuardianConfig:
@@ -374,8 +377,8 @@ class GuardianConfig(Section):
 
 class FaultInjection(Section):
     step: int = Field(ge=0)
-    kind: Literal["nan_loss", "loss_spike", "shuffle_labels", "grad_explode", "grad_bitflip", "slow_rank", "crash",
-                  "hang", "s3_outage"]
+    kind: Literal["nan_loss", "loss_spike", "shuffle_labels", "grad_explode", "grad_bitflip",
+                  "slow_rank", "crash", "hang", "s3_outage"]
     rank: int = 0
     scale: float = 1000.0  # grad_explode: loss multiplier
     once: bool = True  # fire only the first time the step is reached (not again after a rollback)

@@ -52,8 +52,10 @@ class FakeEngine:
         loss = math.nan if self._batch in self.poisoned else 2.0 + 0.001 * (step % 3)
         return StepStats(step, loss, 1.0, math.isfinite(loss), 64, 64, 1e-3, 16)
 
-    def recompute(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0) -> StepStats:
-        return self.forward_backward(micro_batches, step, data_wait_s)  # deterministic: a poisoned batch again
+    def recompute(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0,
+                  token_losses: bool = False) -> StepStats:
+        # Deterministic: a poisoned batch again. No token losses: nothing to blame, the anomaly counts.
+        return self.forward_backward(micro_batches, step, data_wait_s)
 
     def apply(self, skip: bool = False, lr_factor: float = 1.0) -> bool:
         if not skip:

@@ -135,6 +135,16 @@ class DataFeed:
         """The whole global batch of the last step taken (every rank's rows, as segments)."""
         return None if self._last is None else self._last.planned
 
+    @property
+    def last_rows(self) -> tuple[int, int]:
+        """This rank's rows [a, b) of the last global batch taken (its micro-batches hold them in order)."""
+        return (0, 0) if self._last is None else self._last.rows
+
+    @property
+    def shard_paths(self) -> tuple[str, ...]:
+        """The dataset's shards, in the order packing segments number them."""
+        return self.spec.shard_paths
+
     def last_documents(self) -> list[int]:
         """Ids of the documents in the last global batch taken (all ranks), e.g. to blacklist them."""
         return [] if self._last is None else self._last.planned.documents

@@ -29,6 +29,11 @@ whose gradient norms disagree). A step with any finding is an *anomaly*; its upd
    one node, the decision names it in `exclude_nodes`: the loop checkpoints, and the worker group is
    restarted without it.
 
+   A loss spike that reproduces is blamed on documents first (`blame_documents`,
+   raytrainer.fault.blame): the rerun's token losses are split by document; when a few documents carry the
+   batch's excess, they are blacklisted (`decision.blacklist`; never drawn again, also after a rollback or
+   restart) and the step is skipped without counting towards a rollback: its cause is known and gone.
+
 1. **Skip.** An anomaly is skipped: no optimizer step, the batch is recorded (event log, state, and the
    list of skipped batches, so no restart or rollback replays it). A non-finite loss or grad is always at
    least a skip, warmup included.
@@ -81,7 +86,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raytrainer.config import GuardianConfig
-from raytrainer.fault.detectors import DIVERGENCE, Detectors, Finding, check_ranks_agree
+from raytrainer.fault.blame import DocumentLoss, culprits
+from raytrainer.fault.detectors import DIVERGENCE, LOSS_SPIKE, Detectors, Finding, check_ranks_agree
 from raytrainer.fault.stragglers import StragglerWatch
 
 STATE_VERSION = 2
@@ -111,6 +117,8 @@ class Decision:
     suspects: list[int] = field(default_factory=list)  # transient: the ranks whose numbers moved
     exclude_nodes: list[str] = field(default_factory=list)  # nodes to train without from now on
     stragglers: list[int] = field(default_factory=list)  # ranks named slow at this step
+    blame: bool = False  # rerun: also split the rerun's loss by document (a loss spike may be the data)
+    blacklist: list[int] = field(default_factory=list)  # documents blamed at this step: never draw them again
 
     @property
     def apply_update(self) -> bool:
@@ -135,10 +143,12 @@ class StepReport:
     rank_own_s: list[float] | None = None  # every rank's own time: its data wait and its forwards
     nodes: list[str] | None = None  # every rank's node
     rerun: StepReport | None = None  # the same step recomputed, when the guardian asked for it
+    documents: list[DocumentLoss] | None = None  # the rerun's loss by document, when the guardian asked
 
     @classmethod
     def from_stats(cls, step: int, stats: Any, cursor: dict | None = None, *, lr: float | None = None,
-                   batch: int | None = None, rerun: Any = None, nodes: list[str] | None = None) -> StepReport:
+                   batch: int | None = None, rerun: Any = None, nodes: list[str] | None = None,
+                   documents: list[DocumentLoss] | None = None) -> StepReport:
         """From the step engine's StepStats (or any object or dict with loss and grad_norm)."""
         get = stats.get if isinstance(stats, dict) else lambda k, d=None: getattr(stats, k, d)
         lr = lr if lr is not None else get("lr")
@@ -158,6 +168,7 @@ class StepReport:
             rank_own_s=_floats(metrics.get("rank_own_s")),
             nodes=None if nodes is None else [str(n) for n in nodes],
             rerun=None if rerun is None else cls.from_stats(step, rerun, cursor, lr=lr, batch=batch, nodes=nodes),
+            documents=None if documents is None else list(documents),
         )
 
 
@@ -188,6 +199,7 @@ class Guardian:
         self._verdict: str | None = None  # while deciding after a rerun: what it showed
         self.stragglers = StragglerWatch(cfg.straggler_factor, cfg.straggler_steps)
         self._excluded: list[str] = []  # nodes the run trains without
+        self._blacklist: list[int] = []  # documents blamed for spikes, sorted
         # Live only (the actor outlives worker restarts): the last step seen, to report each recovery.
         self._last_seen: tuple[int, float] | None = None
         self._restored = False
@@ -195,12 +207,13 @@ class Guardian:
     # ------------------------------------------------------------------ the per-step call
 
     def decide(self, step: int, stats: Any, cursor: dict | None = None, *, lr: float | None = None,
-               batch: int | None = None, rerun: Any = None, nodes: list[str] | None = None) -> Decision:
+               batch: int | None = None, rerun: Any = None, nodes: list[str] | None = None,
+               documents: list[DocumentLoss] | None = None) -> Decision:
         """The loop's per-step call: `stats` needs .loss and .grad_norm (pre-clip); .finite, .tokens, .lr
         and .metrics (rank_ce_sum, rank_grad_norm) are used when present. `rerun`: the same step recomputed,
-        after a "rerun" decision."""
+        after a "rerun" decision; `documents`: its loss by document, when that decision asked for `blame`."""
         return self.observe(StepReport.from_stats(step, stats, cursor, lr=lr, batch=batch, rerun=rerun,
-                                                  nodes=nodes))
+                                                  nodes=nodes, documents=documents))
 
     def observe(self, report: StepReport) -> Decision:
         decision = self._observe(report)
@@ -215,7 +228,8 @@ class Guardian:
             suspicious = self._suspicions(report)
             if suspicious:  # nothing is learnt or recorded yet: the step is reported again with its rerun
                 return Decision("rerun", f"step {step}: {_describe(suspicious)}; recomputing the step to tell "
-                                         "the data from the hardware")
+                                         "the data from the hardware",
+                                blame=self.cfg.blame_documents and any(f.kind == LOSS_SPIKE for f in suspicious))
         verdict, suspects, exclude = None, [], []
         timed = report  # the first run's times: a rerun's are not the step's (its data was already there)
         if report.rerun is not None:
@@ -234,8 +248,11 @@ class Guardian:
         findings = self.detectors.check(step, report.loss, report.grad_norm, report.finite)
         disagree = check_ranks_agree(report.rank_grad_norm, self.cfg.rerun_tolerance)
         findings += [disagree] if disagree is not None else []
+        blamed = self._blame(report, findings) if verdict == "reproduced" else []
         if not findings:
             decision = Decision("continue", lr_factor=lr_factor)
+        elif blamed:
+            decision = self._skip_blamed(report, batch, findings, blamed, lr_factor)
         else:
             self._verdict = verdict  # the decision's event says what the rerun showed
             try:
@@ -266,6 +283,40 @@ class Guardian:
                     event["reason"] += "; its node is excluded (guardian.straggler_exclude)"
             self._emit(event)
         return named, exclude
+
+    def _blame(self, report: StepReport, findings: list[Finding]) -> list[DocumentLoss]:
+        """The documents that carry a reproduced loss spike, if a few of them do."""
+        kinds = {f.kind for f in findings}
+        if not report.documents or LOSS_SPIKE not in kinds or DIVERGENCE in kinds or len(self.detectors.losses) == 0:
+            return []
+        cfg = self.cfg
+        return culprits(report.documents, self.detectors.losses.median(), max_docs=cfg.blame_max_docs,
+                        max_tokens=cfg.blame_max_tokens, min_rise=cfg.spike_min_rise)
+
+    def _skip_blamed(self, report: StepReport, batch: int, findings: list[Finding], blamed: list[DocumentLoss],
+                     lr_factor: float) -> Decision:
+        """Skip the step and blacklist the documents that carry its spike; the cause is known and removed, so
+        the anomaly does not count towards a rollback."""
+        self._add_skipped(batch, batch + 1)
+        ids = [d.doc for d in blamed]
+        self._blacklist = sorted(set(self._blacklist) | set(ids))
+        documents = report.documents or []
+        rest = [d for d in documents if d.doc not in set(ids)]
+        rest_loss = sum(d.ce_sum for d in rest) / max(1, sum(d.tokens for d in rest))
+        names = ", ".join(f"{d.doc} ({d.shard} row {d.shard_row}, loss {d.mean:.3g})" for d in blamed)
+        reason = (f"step {report.step}: {_describe(findings)}; reproduced on the rerun. Without {len(blamed)} of "
+                  f"its {len(documents)} documents the batch's loss is {rest_loss:.4g}, no spike: document(s) "
+                  f"{names} blacklisted, update skipped")
+        self._emit({"event": "blame", "step": report.step, "batch": batch, "loss": _json_float(report.loss),
+                    "loss_without": rest_loss, "baseline": self.detectors.losses.median(),
+                    "documents": [d.to_dict() for d in blamed], "reason": reason})
+        decision = Decision("skip", reason, lr_factor=lr_factor, blacklist=ids)
+        self._emit_decision(decision, report, batch, findings)
+        return decision
+
+    def blacklisted_documents(self) -> list[int]:
+        """Every document blamed so far (hand these to a rebuilt data feed)."""
+        return list(self._blacklist)
 
     def _anomaly(self, report: StepReport, batch: int, findings: list[Finding], lr_factor: float) -> Decision:
         step = report.step
@@ -554,6 +605,7 @@ class Guardian:
             "elevated": sorted(self._elevated),
             "suspects": dict(self._suspects),
             "excluded": list(self._excluded),
+            "blacklist": list(self._blacklist),
             "events": self._events[-_MAX_EVENTS_IN_STATE:],
             "seq": self._seq,
         }
@@ -587,6 +639,7 @@ class Guardian:
         for node, n in state.get("suspects", {}).items():
             self._suspects[node] = max(self._suspects.get(node, 0), int(n))
         self._excluded += [n for n in state.get("excluded", []) if n not in self._excluded]
+        self._blacklist = sorted(set(self._blacklist) | {int(d) for d in state.get("blacklist", [])})
         by_seq = {e["seq"]: e for e in state.get("events", [])}
         by_seq.update({e["seq"]: e for e in self._events})
         self._events = [by_seq[s] for s in sorted(by_seq)]
@@ -615,6 +668,7 @@ class Guardian:
         self._elevated = {int(c) for c in state.get("elevated", [])}
         self._suspects = {str(n): int(c) for n, c in state.get("suspects", {}).items()}
         self._excluded = [str(n) for n in state.get("excluded", [])]
+        self._blacklist = sorted(int(d) for d in state.get("blacklist", []))
         self._skipped = [(int(a), int(b)) for a, b in state["skipped"]]
         self._rollbacks = [dict(r) for r in state["rollbacks"]]
         cooldown = state.get("cooldown")

@@ -120,6 +120,9 @@ class GuardianActor:
     def skipped_ranges(self) -> list[tuple[int, int]]:
         return self.guardian.skipped_ranges()
 
+    def blacklisted_documents(self) -> list[int]:
+        return self.guardian.blacklisted_documents()
+
     def events(self) -> list[dict]:
         return self.guardian.events
 
@@ -189,10 +192,11 @@ class GuardianClient:
                 time.sleep(0.5)
 
     def decide(self, step: int, stats: Any, cursor: dict | None = None, *, lr: float | None = None,
-               batch: int | None = None, rerun: Any = None, nodes: list[str] | None = None) -> Decision:
+               batch: int | None = None, rerun: Any = None, nodes: list[str] | None = None,
+               documents: list | None = None) -> Decision:
         """Report step `step` and get the decision. Call on rank 0 only, then broadcast the decision."""
         return self._call("observe", StepReport.from_stats(step, stats, cursor, lr=lr, batch=batch, rerun=rerun,
-                                                           nodes=nodes))
+                                                           nodes=nodes, documents=documents))
 
     def excluded_nodes(self) -> list[str]:
         return self._call("excluded_nodes")
@@ -223,6 +227,9 @@ class GuardianClient:
 
     def skipped_ranges(self) -> list[tuple[int, int]]:
         return self._call("skipped_ranges")
+
+    def blacklisted_documents(self) -> list[int]:
+        return self._call("blacklisted_documents")
 
     @property
     def events(self) -> list[dict]:

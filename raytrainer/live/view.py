@@ -95,6 +95,10 @@ class LiveView:
             excluded = f"; node {', '.join(r['exclude'])} is EXCLUDED" if r.get("exclude") else ""
             return (f"step {r.get('step')}: a transient fault on {where}{nodes} (the step recomputed gave other "
                     f"numbers); the clean rerun was used{excluded}")
+        if kind == "blame":
+            docs = "; ".join(f"document {d.get('doc')} ({d.get('shard')} row {d.get('shard_row')}: "
+                             f"{(d.get('text') or '')[:40]!r})" for d in r.get("documents", []))
+            return f"step {r.get('step')}: the spike is in the data: {docs} blacklisted, the update skipped"
         if kind == "straggler":
             node = f" on node {r['node']}" if r.get("node") else ""
             own = _num(r.get("own_s"), ".3g")

@@ -50,6 +50,19 @@ def token_loss_sums(
     )
 
 
+def token_ce(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+    """Per-token cross-entropy [...] in fp32, 0 at ignored positions; a chunk of tokens at a time, so a large
+    vocabulary never needs a full fp32 copy of the logits."""
+    flat_logits = logits.detach().reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1)
+    out = torch.zeros(flat_labels.shape, dtype=torch.float32, device=logits.device)
+    for i in range(0, flat_labels.numel(), chunk_tokens):
+        out[i:i + chunk_tokens] = torch.nn.functional.cross_entropy(
+            flat_logits[i:i + chunk_tokens].float(), flat_labels[i:i + chunk_tokens], ignore_index=IGNORE_INDEX,
+            reduction="none")
+    return out.reshape(labels.shape)
+
+
 def shift_labels(labels: torch.Tensor, doc_ids: torch.Tensor | None, k: int) -> torch.Tensor:
     """Targets k positions further ahead: out[:, t] = labels[:, t + k], ignored where t + k lies past
     the row or in another document (doc_ids None: the row is one document)."""

@@ -126,6 +126,7 @@ def run_document(run: Storage, checkpoints: list[dict] | None = None) -> Documen
     events = read_events(RunStore(run.fs, run.path("guardian")))
     guardian = [e for e in events if e.get("event") in ("skip", "rollback", "abort", "rollback_fallback")]
     hardware = [e for e in events if e.get("event") in HARDWARE_EVENTS]
+    blamed = [e for e in events if e.get("event") == "blame"]
     config = _read_config(run)
     doc = Document(f"Run report: {run.url}")
     doc.sections.append(("Summary", summary_lines(history, config, checkpoints)))
@@ -137,6 +138,7 @@ def run_document(run: Storage, checkpoints: list[dict] | None = None) -> Documen
             f"| {e['step']} | {_fmt(e.get('val_loss'))} | {_fmt(e.get('val_perplexity'), '.2f')} |"
             for e in history.evals]))
     doc.sections.append(("Guardian decisions", _guardian_lines(guardian)))
+    doc.sections.append(("Blamed documents (blacklisted)", _blame_lines(blamed)))
     doc.sections.append(("Hardware: transient faults, excluded nodes, stragglers", _hardware_lines(hardware)))
     doc.sections.append(("Recovery events", _event_lines(history)))
     if checkpoints is not None:
@@ -196,6 +198,21 @@ def _guardian_lines(events: list[dict]) -> list[str]:
     return ["| step | decision | reason |", "|---|---|---|"] + [
         f"| {e.get('step')} | {e['event']}{' to ' + str(e['rollback_to']) if e.get('rollback_to') is not None else ''}"
         f" | {str(e.get('reason', '')).splitlines()[0] if e.get('reason') else ''} |" for e in events]
+
+
+def _blame_lines(events: list[dict]) -> list[str]:
+    """Each document a reproduced spike was blamed on: where it is stored and how it begins."""
+    if not events:
+        return ["No spike was blamed on documents."]
+    rows = [f"| {e.get('step')} | {d.get('doc')} | {d.get('shard')} | {d.get('shard_row')} | "
+            f"{_fmt(d.get('mean_loss'), '.3f')} | {_fmt(e.get('loss_without'), '.3f')} | "
+            f"{_cell(d.get('text') or '')} |" for e in events for d in e.get("documents", [])]
+    return ["| step | document | shard | row | its loss | batch loss without it | text |",
+            "|---|---|---|---|---|---|---|", *rows]
+
+
+def _cell(text: str) -> str:
+    return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
 
 
 HARDWARE_EVENTS = ("suspect_hardware", "exclude_node", "straggler", "straggler_recovered")

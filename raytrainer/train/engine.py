@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from raytrainer.config import Config
+from raytrainer.model.loss import token_ce
 from raytrainer.train.ema import EMA
 from raytrainer.train.optim import set_lr
 from raytrainer.train.precision import DynamicLossScaler, autocast, check_precision_supported
@@ -58,6 +59,7 @@ class StepStats:
     overflow: bool = False  # fp16: the gradients overflowed at this loss scale (skipped, scale halved)
     applied: bool | None = None  # set by apply(): whether the optimizer update happened
     metrics: dict = field(default_factory=dict)  # timings, loss scale
+    token_ce: list[torch.Tensor] | None = None  # asked for: each micro-batch's per-token loss [B, T] (CPU)
 
 
 def prepare_model(model: nn.Module, cfg: Config) -> nn.Module:
@@ -100,11 +102,13 @@ class StepEngine:
 
     # ------------------------------------------------------------------ the step
 
-    def forward_backward(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0) -> StepStats:
+    def forward_backward(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0,
+                         token_losses: bool = False) -> StepStats:
         """Forward and backward every micro-batch of this rank; gradients are synchronised on the last one.
         Returns the global loss and pre-clip grad norm, and every rank's time for this step so far
         (`data_wait_s`, the wait for its batch, plus its forward, backward and norm), own time (its data wait
-        and forwards, which wait on no other rank), summed loss and grad norm."""
+        and forwards, which wait on no other rank), summed loss and grad norm. `token_losses`: also every
+        token's loss (StepStats.token_ce), e.g. to tell which documents carry a spike."""
         if self._pending is not None:
             raise RuntimeError(f"forward_backward(step={step}) while step {self._pending.step} still waits for "
                                "apply() or zero_grad(): its gradients would leak into this step")
@@ -120,6 +124,7 @@ class StepEngine:
         ce_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync per step
         last = len(micro_batches) - 1
         forward = Stopwatch(device)  # this rank's own compute: a forward waits on no other rank's
+        per_token: list[torch.Tensor] | None = [] if token_losses else None
         for i, mb in enumerate(micro_batches):
             inputs = {k: mb[k].to(device, non_blocking=True) for k in BATCH_KEYS if mb.get(k) is not None}
             with contextlib.nullcontext() if i == last else s.no_sync():
@@ -127,6 +132,8 @@ class StepEngine:
                     out = self.model(**inputs, loss_normalizer=normalizer)
                 s.backward(self.scaler.scale_loss(out.loss))
             ce_sum += out.metrics["ce"].detach().double() * out.metrics["label_tokens"]
+            if per_token is not None:
+                per_token.append(token_ce(out.logits, inputs["labels"]).cpu())
         t_backward = time.perf_counter()
         for hook in self.gradient_hooks:
             hook(step)
@@ -161,6 +168,7 @@ class StepEngine:
             time_s=time.perf_counter() - t0,
             seq_len=seq_len,
             overflow=overflow,
+            token_ce=per_token,
             metrics={"forward_backward_s": t_backward - t0, "micro_batches": len(micro_batches),
                      "rank_busy_s": [r[1] for r in per_rank], "rank_data_wait_s": [r[2] for r in per_rank],
                      "rank_ce_sum": [r[0] for r in per_rank], "rank_grad_norm": [r[3] for r in per_rank],
@@ -171,7 +179,8 @@ class StepEngine:
         self._pending = stats
         return stats
 
-    def recompute(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0) -> StepStats:
+    def recompute(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0,
+                  token_losses: bool = False) -> StepStats:
         """The pending step again: its gradients dropped, the same micro-batches from the same parameters and
         RNG state. Every rank calls it (it has the step's collectives)."""
         if self._pending is None or self._pending.step != step:
@@ -179,7 +188,7 @@ class StepEngine:
         rng = self._rng_before
         self.zero_grad()  # the loss scale stays: the same step again, at the same scale
         _set_rng_state(rng, self.strategy.device)
-        stats = self.forward_backward(micro_batches, step, data_wait_s=data_wait_s)
+        stats = self.forward_backward(micro_batches, step, data_wait_s=data_wait_s, token_losses=token_losses)
         stats.metrics["recomputed"] = True
         return stats
 

@@ -24,6 +24,8 @@ import torch
 
 from raytrainer.checkpoint.manager import CheckpointManager, TrainerState, all_ranks_agree
 from raytrainer.config import Config
+from raytrainer.data.tokenizers import load_tokenizer
+from raytrainer.fault.blame import DocumentLoss, document_losses, merge, name_documents
 from raytrainer.fault.guardian import Decision, GuardianAbort
 from raytrainer.metrics.recorder import NullRecorder
 from raytrainer.train.engine import StepEngine, StepStats
@@ -42,13 +44,14 @@ class NodesExcluded(RuntimeError):
 class Guardian(Protocol):
     def decide(self, step: int, stats: StepStats, cursor: dict, *, lr: float | None = None,
                batch: int | None = None, rerun: StepStats | None = None,
-               nodes: list[str] | None = None) -> Decision: ...
+               nodes: list[str] | None = None, documents: list[DocumentLoss] | None = None) -> Decision: ...
     def on_checkpoint_staged(self, step: int) -> None: ...
     def on_checkpoint(self, step: int) -> None: ...
     def checkpoints_exist(self, steps: list[int]) -> None: ...
     def rollback_target(self) -> int | None: ...
     def rollback_fell_back(self, intended: int, actual: int, reason: str) -> None: ...
     def skipped_ranges(self) -> list[tuple[int, int]]: ...
+    def blacklisted_documents(self) -> list[int]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -58,12 +61,15 @@ class NoGuardian:
 
     def decide(self, step: int, stats: StepStats, cursor: dict, *, lr: float | None = None,
                batch: int | None = None, rerun: StepStats | None = None,
-               nodes: list[str] | None = None) -> Decision:
+               nodes: list[str] | None = None, documents: list[DocumentLoss] | None = None) -> Decision:
         if not stats.finite:
             return Decision("skip", f"non-finite loss/grad at step {step}")
         return Decision()
 
     def skipped_ranges(self) -> list[tuple[int, int]]:
+        return []
+
+    def blacklisted_documents(self) -> list[int]:
         return []
 
     def on_checkpoint_staged(self, step: int) -> None:
@@ -98,6 +104,7 @@ class WorkerEnv:
     report: Callable[..., None] = lambda metrics, checkpoint_step=None: None
     registers_checkpoints: bool = False  # report() registers committed checkpoints (Ray Train)
     broadcast: Callable[[Any], Any] = lambda obj: obj  # rank 0's object to every rank
+    gather: Callable[[Any], list[Any]] = lambda obj: gather_objects(obj)  # every rank's object, in rank order
     agree: Callable[[bool], bool] = all_ranks_agree  # True everywhere only if True on every rank
     announce: Callable[[dict], None] = lambda record: None  # rank 0's records to the driver's live view
     nodes: list[str] = field(default_factory=list)  # every rank's node (rank order), to name suspects
@@ -139,6 +146,7 @@ class Trainer:
         self._pin: int | None = None  # the guardian's current rollback target (rank 0)
         self._last_entry: dict = {}  # the last step's metrics (a checkpoint keeps them)
         self.tokens_seen = 0  # tokens of the updates in the model now (a rollback takes them back)
+        self._decode: Any = None  # the dataset tokenizer's decode, loaded on the first blame (False: cannot)
 
     # ------------------------------------------------------------------ the algorithm
 
@@ -191,7 +199,7 @@ class Trainer:
             stats = self.engine.forward_backward(micro_batches, step, data_wait_s=data_wait)
             decision = self.decide(step, stats)
             if decision.action == "rerun":
-                stats, decision = self.rerun(step, micro_batches, stats, data_wait)
+                stats, decision = self.rerun(step, micro_batches, stats, data_wait, blame=decision.blame)
 
         if decision.action == "abort":
             raise GuardianAbort(decision.reason)
@@ -226,7 +234,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
 
-    def decide(self, step: int, stats: StepStats, rerun: StepStats | None = None) -> Decision:
+    def decide(self, step: int, stats: StepStats, rerun: StepStats | None = None,
+               documents: list[DocumentLoss] | None = None) -> Decision:
         if getattr(stats, "overflow", False) and rerun is None:
             # Routine fp16 loss-scale overflow: the scaler already halved the scale; not an anomaly.
             return Decision("skip", f"fp16 gradient overflow at loss scale {stats.metrics.get('loss_scale')}")
@@ -235,7 +244,7 @@ class Trainer:
         if self.env.rank == 0:
             decision = self.guardian.decide(step, stats, self.feed.cursor(), lr=self.engine.current_lr,
                                             batch=self.feed.batch_index, rerun=rerun,
-                                            nodes=self.env.nodes or None)
+                                            nodes=self.env.nodes or None, documents=documents)
         decision = self.env.broadcast(decision)
         if decision.action != "continue" and self.env.rank == 0:  # the driver's view prints it
             log.info("step %d: guardian says %s (%s)", step, decision.action, decision.reason)
@@ -254,14 +263,16 @@ class Trainer:
                         own[rank] if rank < len(own) else float("nan"), self.cfg.guardian.straggler_steps,
                         self.cfg.guardian.straggler_factor)
 
-    def rerun(self, step: int, micro_batches: list[dict], stats: StepStats, data_wait: float
+    def rerun(self, step: int, micro_batches: list[dict], stats: StepStats, data_wait: float, blame: bool = False
               ) -> tuple[StepStats, Decision]:
         """The guardian found the step suspicious: compute it again from the same parameters, RNG state
-        and micro-batches, and let it judge both. Returns the rerun's stats (its gradients are held now)."""
+        and micro-batches, and let it judge both (with the rerun's loss by document, when it asks to `blame`).
+        Returns the rerun's stats (its gradients are held now)."""
         if self.injector is not None:
             self.injector.before_rerun(step)
-        again = self.engine.recompute(micro_batches, step, data_wait_s=data_wait)
-        decision = self.decide(step, stats, rerun=again)
+        again = self.engine.recompute(micro_batches, step, data_wait_s=data_wait, token_losses=blame)
+        documents = self.documents(again, micro_batches) if blame else None
+        decision = self.decide(step, stats, rerun=again, documents=documents)
         if decision.action == "rerun":  # a guardian that asks twice would loop: take the first answer as final
             decision = Decision("skip", f"step {step}: the guardian asked for a second rerun; update skipped")
         if decision.rerun == "transient":
@@ -269,7 +280,42 @@ class Trainer:
                       nodes=[self.env.nodes[r] for r in decision.suspects if r < len(self.env.nodes)],
                       loss=[stats.loss, again.loss], grad_norm=[stats.grad_norm, again.grad_norm],
                       exclude=decision.exclude_nodes)
+        if decision.blacklist:
+            self.feed.blacklist_documents(decision.blacklist)  # every rank: from the next step on
+            self.note("blame", step=step, documents=[d.to_dict() for d in documents or []
+                                                      if d.doc in set(decision.blacklist)])
         return again, decision
+
+    def documents(self, stats: StepStats, micro_batches: list[dict]) -> list[DocumentLoss] | None:
+        """Every rank: its rows' token losses by document. Rank 0 gets every rank's, united, the likely culprits
+        named by their first characters; the others get None."""
+        mine: list[DocumentLoss] = []
+        first, end = self.feed.last_rows if stats.token_ce else (0, 0)
+        n = end - first
+        if n > 0:
+            def rows(key: str):
+                return torch.cat([mb[key] for mb in micro_batches])[:n].numpy()
+
+            mine = document_losses(torch.cat(stats.token_ce)[:n].numpy(), rows("labels"), rows("doc_ids"),
+                                   rows("input_ids"), self.feed.last_plan.segments, first, self.feed.shard_paths)
+        everyone = self.env.gather(mine)
+        if self.env.rank != 0:
+            return None
+        documents = merge(everyone)
+        decode = self._decoder()
+        if decode is not None:
+            name_documents([d for d in documents if d.mean > stats.loss], decode)
+        return documents
+
+    def _decoder(self) -> Callable[[list[int]], str] | None:
+        if self._decode is None:
+            try:
+                self._decode = load_tokenizer(self.cfg.data.tokenizer).decode
+            except Exception as e:  # naming the documents is a courtesy: their ids and places still go on record
+                log.warning("cannot load tokenizer %r to show blamed documents' text (%s); their ids, shards and "
+                            "rows are still recorded", self.cfg.data.tokenizer, e)
+                self._decode = False
+        return self._decode or None
 
     def note(self, kind: str, **fields) -> None:
         """Rank 0: a metrics record, on record and on its way to the driver's live view."""
@@ -318,6 +364,7 @@ class Trainer:
         # The checkpoint's cursor predates ranges the guardian added since, so apply all of them.
         for start, end in decision.skip_ranges or ([decision.skip_range] if decision.skip_range else []):
             self.feed.skip_batches(start, end)
+        self.blacklist_blamed()
         # The guardian's own state stays the live one (it knows about this rollback); only the
         # model, optimizer, schedule and data position go back.
         self.history.append({"step": step, "action": "rollback", "to": state.step, "skip": decision.skip_range})
@@ -342,8 +389,15 @@ class Trainer:
         ranges = self.env.broadcast(self.guardian.skipped_ranges() if self.env.rank == 0 else None)
         for start, end in ranges or []:
             self.feed.skip_batches(start, end)
+        self.blacklist_blamed()
         log.info("rank %d: %s at step %d", self.env.rank, "resumed" if state else "starting fresh", step)
         return step
+
+    def blacklist_blamed(self) -> None:
+        """Every rank, on a rebuilt feed: the checkpoint's cursor may predate documents blamed since."""
+        blamed = self.env.broadcast(self.guardian.blacklisted_documents() if self.env.rank == 0 else None)
+        if blamed:
+            self.feed.blacklist_documents(blamed)
 
     def eval_due(self, step: int) -> bool:
         every = self.cfg.eval.every_steps
@@ -461,3 +515,12 @@ def set_worker_threads(cfg: Config, local_world_size: int) -> None:
     torch.set_num_threads(threads)
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (one process: [obj])."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
