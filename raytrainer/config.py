@@ -329,6 +329,7 @@ class CheckpointConfig(Section):
     keep_last: int = Field(3, gt=0)
     keep_every: int | None = Field(None, gt=0)  # steps; checkpoints at multiples are kept for good
     async_upload: bool = True
+    on_preemption: bool = True  # a SIGTERM or Ray's preemption notice: checkpoint the whole group at once
     mirror: str | None = None  # optional second location for every committed checkpoint
     s3: S3Config = S3Config()
 
@@ -378,7 +379,7 @@ class GuardianConfig(Section):
 class FaultInjection(Section):
     step: int = Field(ge=0)
     kind: Literal["nan_loss", "loss_spike", "shuffle_labels", "grad_explode", "grad_bitflip",
-                  "slow_rank", "crash", "hang", "s3_outage"]
+                  "slow_rank", "crash", "hang", "s3_outage", "sigterm"]
     rank: int = 0
     scale: float = 1000.0  # grad_explode: loss multiplier
     once: bool = True  # fire only the first time the step is reached (not again after a rollback)

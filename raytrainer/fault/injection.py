@@ -21,6 +21,8 @@ Kinds:
 
 A guardian rerun (`before_rerun`) replays the batch faults (the micro-batches are the same ones) and the loss
 faults (they stand for a fault in the data or the model: they reproduce); only `grad_bitflip` is one-off.
+- `sigterm`: the process sends itself SIGTERM, as a scheduler or a spot reclaim would (the worker's stop notice
+  turns it into a checkpoint of the whole group; without one, the process stops).
 - `crash`: the process exits at once with INJECTED_CRASH_EXIT_CODE, as if the node died.
 - `hang`: the process sleeps forever inside the step; the step watchdog ends it.
 - `s3_outage`: calls `hooks["s3_outage"](step)`; a test stops its S3 server there (and restarts it later).
@@ -40,6 +42,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -234,6 +237,10 @@ class FaultInjector:
             return micro_batches
         if kind == "s3_outage":
             self.hooks["s3_outage"](step)
+            return micro_batches
+        if kind == "sigterm":
+            log.warning("fault injection: SIGTERM to rank %d's own process at step %d", self.rank, step)
+            os.kill(os.getpid(), signal.SIGTERM)
             return micro_batches
         if kind == "crash":
             print(f"fault injection: crashing rank {self.rank} at step {step} "

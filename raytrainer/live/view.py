@@ -84,6 +84,11 @@ class LiveView:
             self._attempt_open = True
             return (f"{died}resumed at step {r['step']} of {r.get('steps', self.total)} on {r.get('world_size')} "
                     f"workers from {r.get('checkpoint')}")
+        if kind == "preempted":
+            nodes = f" on node(s) {', '.join(r['nodes'])}" if r.get("nodes") else ""
+            return (f"step {r.get('step')}: rank(s) {', '.join(map(str, r.get('ranks', [])))}{nodes} were told to stop "
+                    f"({r.get('reason')}); the whole group checkpointed in {_num(r.get('save_s'), '.3g')} s and "
+                    "restarts from it")
         if kind == "stopped":
             return (f"step {r.get('step')}: this attempt stopped ({r.get('reason')}); Ray Train restarts the "
                     "workers from the newest complete checkpoint, unless parallel.max_failures is spent")

@@ -103,12 +103,13 @@ class StepEngine:
     # ------------------------------------------------------------------ the step
 
     def forward_backward(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0,
-                         token_losses: bool = False) -> StepStats:
+                         token_losses: bool = False, stopping: bool = False) -> StepStats:
         """Forward and backward every micro-batch of this rank; gradients are synchronised on the last one.
         Returns the global loss and pre-clip grad norm, and every rank's time for this step so far
         (`data_wait_s`, the wait for its batch, plus its forward, backward and norm), own time (its data wait
         and forwards, which wait on no other rank), summed loss and grad norm. `token_losses`: also every
-        token's loss (StepStats.token_ce), e.g. to tell which documents carry a spike."""
+        token's loss (StepStats.token_ce), e.g. to tell which documents carry a spike. `stopping`: this rank was
+        told to stop; every rank learns it from the same collective (`rank_stopping`)."""
         if self._pending is not None:
             raise RuntimeError(f"forward_backward(step={step}) while step {self._pending.step} still waits for "
                                "apply() or zero_grad(): its gradients would leak into this step")
@@ -144,7 +145,7 @@ class StepEngine:
         # the metrics, and a rank whose gradients differ from the others' (they are the same numbers on every
         # rank once reduced) can be named.
         per_rank = s.all_gather_floats([float(ce_sum), data_wait_s + time.perf_counter() - t0, data_wait_s,
-                                        float(grad_norm), data_wait_s + forward.seconds()])
+                                        float(grad_norm), data_wait_s + forward.seconds(), float(stopping)])
         loss = math.fsum(r[0] for r in per_rank) / max(global_labels, 1.0)
 
         # Judged on every rank's norm, so that every rank takes the same view of whether it may apply.
@@ -172,7 +173,7 @@ class StepEngine:
             metrics={"forward_backward_s": t_backward - t0, "micro_batches": len(micro_batches),
                      "rank_busy_s": [r[1] for r in per_rank], "rank_data_wait_s": [r[2] for r in per_rank],
                      "rank_ce_sum": [r[0] for r in per_rank], "rank_grad_norm": [r[3] for r in per_rank],
-                     "rank_own_s": [r[4] for r in per_rank]},
+                     "rank_own_s": [r[4] for r in per_rank], "rank_stopping": [r[5] > 0 for r in per_rank]},
         )
         if self.scaler.enabled:
             stats.metrics["loss_scale"] = self.scaler.scale

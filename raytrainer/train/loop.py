@@ -27,6 +27,7 @@ from raytrainer.config import Config
 from raytrainer.data.tokenizers import load_tokenizer
 from raytrainer.fault.blame import DocumentLoss, document_losses, merge, name_documents
 from raytrainer.fault.guardian import Decision, GuardianAbort
+from raytrainer.fault.preemption import Preempted
 from raytrainer.metrics.recorder import NullRecorder
 from raytrainer.train.engine import StepEngine, StepStats
 from raytrainer.train.metrics import Throughput, perplexity
@@ -108,6 +109,7 @@ class WorkerEnv:
     agree: Callable[[bool], bool] = all_ranks_agree  # True everywhere only if True on every rank
     announce: Callable[[dict], None] = lambda record: None  # rank 0's records to the driver's live view
     nodes: list[str] = field(default_factory=list)  # every rank's node (rank order), to name suspects
+    notice: Callable[[], str | None] = lambda: None  # why this rank was told to stop (SIGTERM, preemption), if it was
     hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)  # fault-injection hooks (tests)
 
 
@@ -196,7 +198,9 @@ class Trainer:
             data_wait = time.perf_counter() - t0
             if self.injector is not None:
                 micro_batches = self.injector.before_forward(step, micro_batches)
-            stats = self.engine.forward_backward(micro_batches, step, data_wait_s=data_wait)
+            stopping = self.cfg.checkpoint.on_preemption and self.env.notice() is not None
+            stats = self.engine.forward_backward(micro_batches, step, data_wait_s=data_wait, stopping=stopping)
+            told = [r for r, flag in enumerate(stats.metrics.get("rank_stopping", [])) if flag]
             decision = self.decide(step, stats)
             if decision.action == "rerun":
                 stats, decision = self.rerun(step, micro_batches, stats, data_wait, blame=decision.blame)
@@ -219,7 +223,26 @@ class Trainer:
         self.keep_books(decision.pin)
         if decision.exclude_nodes:
             self.leave(step, decision.exclude_nodes, saved)
+        if told:
+            self.stop_for_notice(step, told, saved)
         return step
+
+    def stop_for_notice(self, step: int, ranks: list[int], saved: bool) -> None:
+        """Some ranks were told to stop: checkpoint the whole group now, wait until it is committed, and end the
+        group, so the next one starts from this step instead of from the last scheduled checkpoint."""
+        if step >= self.cfg.train.steps:
+            return  # the run's final checkpoint comes next anyway
+        t0 = time.perf_counter()
+        if not saved:
+            self.save(step)
+        self.checkpoints.settle()
+        self.keep_books()
+        nodes = sorted({self.env.nodes[r] for r in ranks if r < len(self.env.nodes)})
+        self.note("preempted", step=step, ranks=ranks, nodes=nodes, checkpoint=self.checkpoints.store.step_url(step),
+                  save_s=time.perf_counter() - t0, reason=self.env.notice() or "told to stop")
+        raise Preempted(f"step {step}: rank(s) {', '.join(map(str, ranks))}"
+                        f"{' on node(s) ' + ', '.join(nodes) if nodes else ''} were told to stop (a SIGTERM or a "
+                        f"preemption notice); checkpoint {step} is committed, and the next worker group starts there")
 
     def leave(self, step: int, nodes: list[str], saved: bool) -> None:
         """Checkpoint now (every rank), wait until it is committed, then end this worker group so the next one

@@ -13,7 +13,9 @@ from pydantic import SecretStr
 from raytrainer.checkpoint.manager import all_ranks_agree, run_store
 from raytrainer.checkpoint.ray_pointers import read_pointer, registered_dir_name, write_pointer
 from raytrainer.config import Config, with_secrets
+from raytrainer.fault.preemption import StopNotice
 from raytrainer.train.loop import NoGuardian, Trainer, WorkerEnv, set_worker_threads
+from raytrainer.train.ray_notice import ray_drain_notice, watch_for_stop
 
 log = logging.getLogger("raytrainer.train")
 
@@ -131,8 +133,11 @@ def train_fn(loop_config: dict, secrets: SecretStr | None = None) -> None:
     announce = announcer(cfg.run.name)
     if announce is not None and not cfg.run.verbose:
         logging.getLogger().addHandler(ForwardToDriver(announce, rank))
+    notice = StopNotice(sources=(ray_drain_notice,))
+    restore_sigterm = watch_for_stop(notice, rank) if cfg.checkpoint.on_preemption else (lambda: None)
     env = WorkerEnv(
         rank=rank,
+        notice=notice.reason,
         world_size=ctx.get_world_size(),
         report=report,
         broadcast=broadcast_from_rank0,
@@ -151,5 +156,8 @@ def train_fn(loop_config: dict, secrets: SecretStr | None = None) -> None:
 
         guardian = GuardianClient.connect(cfg.run.name)
     trainer = build_trainer(cfg, env, device, guardian=guardian, store=store)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        restore_sigterm()
     log.info("rank %d finished at step %d", env.rank, result["step"])

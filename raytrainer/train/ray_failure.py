@@ -8,9 +8,10 @@ ShuttingDownState -> ErroredState. The error is a WorkerGroupError whose `worker
 failed rank to a UserExceptionWithTraceback that wraps the exception the worker raised.
 
 `GuardianAbortPolicy` wraps the policy Ray builds (DefaultFailurePolicy) and answers RAISE as soon as any
-rank raised GuardianAbort; every other error goes to Ray's policy unchanged. FailureConfig takes no policy in
-Ray 2.60; DataParallelTrainer.fit (ray/train/v2/api/data_parallel_trainer.py) builds one with
-`create_failure_policy(failure_config)` and passes it as `failure_policy=` to
+rank raised GuardianAbort, and RETRY without counting a failure when a rank raised Preempted (the group
+checkpointed on a stop notice: nothing failed); every other error goes to Ray's policy unchanged.
+FailureConfig takes no policy in Ray 2.60; DataParallelTrainer.fit (ray/train/v2/api/data_parallel_trainer.py)
+builds one with `create_failure_policy(failure_config)` and passes it as `failure_policy=` to
 `_initialize_and_run_controller`, which starts the controller actor with it. `end_runs_on_guardian_abort`
 wraps that one call of the trainer it is given.
 
@@ -25,24 +26,34 @@ from typing import Any
 from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
 
 from raytrainer.fault.guardian import GuardianAbort
+from raytrainer.fault.preemption import Preempted
 
 log = logging.getLogger("raytrainer.guardian")
 
 
 def guardian_abort_in(error: BaseException | None) -> GuardianAbort | None:
     """The GuardianAbort a worker raised, if `error` (Ray Train's error for the run) carries one."""
+    return _raised(error, GuardianAbort)
+
+
+def preempted_in(error: BaseException | None) -> Preempted | None:
+    """The Preempted a worker raised, if `error` carries one."""
+    return _raised(error, Preempted)
+
+
+def _raised(error: BaseException | None, kind: type) -> Any:
     failures = getattr(error, "worker_failures", None) or {}
     for _, failure in sorted(failures.items()):
-        found = _unwrap(failure)
+        found = _unwrap(failure, kind)
         if found is not None:
             return found
-    return _unwrap(error)
+    return _unwrap(error, kind)
 
 
-def _unwrap(error: BaseException | None) -> GuardianAbort | None:
+def _unwrap(error: BaseException | None, kind: type = GuardianAbort) -> Any:
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, GuardianAbort):
+        if isinstance(error, kind):
             return error
         seen.add(id(error))
         # Ray Train wraps a worker's exception as UserExceptionWithTraceback(exc, traceback_str).
@@ -59,6 +70,11 @@ class GuardianAbortPolicy(FailurePolicy):
 
     def make_decision(self, training_failed_error: Any) -> FailureDecision:
         if guardian_abort_in(training_failed_error) is None:
+            if preempted_in(training_failed_error) is not None:
+                log.warning("the worker group stopped on a stop notice after checkpointing (%s); starting the next "
+                            "one from that checkpoint, not counted against parallel.max_failures",
+                            (str(preempted_in(training_failed_error)).splitlines() or [""])[0])
+                return FailureDecision.RETRY
             return self.inner.make_decision(training_failed_error)
         ranks = sorted(r for r, e in (getattr(training_failed_error, "worker_failures", None) or {}).items()
                        if _unwrap(e) is not None)
