@@ -126,3 +126,20 @@ def test_sigterm_to_one_rank_checkpoints_every_rank_at_the_same_step(tmp_path):
     assert CheckpointStore(str(storage), "two").latest_complete() == 10
     (record,) = [e for e in read_history(open_storage(str(storage / "two"))).events if e["kind"] == "preempted"]
     assert (record["step"], record["ranks"], record["nodes"]) == (10, [1], ["node-b"])
+
+
+def test_the_failure_policy_restarts_a_preempted_group_without_counting_a_failure():
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision, create_failure_policy
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from raytrainer.train.ray_failure import GuardianAbortPolicy
+
+    policy = GuardianAbortPolicy(create_failure_policy(FailureConfig(max_failures=0)))
+    preempted = WorkerGroupError("rank 1 stopped", {
+        0: UserExceptionWithTraceback(Preempted("step 10: rank(s) 1 were told to stop"), "tb"),
+        1: UserExceptionWithTraceback(Preempted("step 10: rank(s) 1 were told to stop"), "tb")})
+    assert [policy.make_decision(preempted) for _ in range(3)] == [FailureDecision.RETRY] * 3
+    crashed = WorkerGroupError("rank 1 died", {1: UserExceptionWithTraceback(RuntimeError("boom"), "tb")})
+    assert policy.make_decision(crashed) == FailureDecision.RAISE  # max_failures=0: a real failure still counts

@@ -89,6 +89,27 @@ def test_s3_checkpoints_survive_a_crash_a_hang_and_a_resubmission(dataset, s3_se
     assert time.monotonic() - t0 < 600
 
 
+def test_sigterm_to_a_worker_checkpoints_the_group_and_loses_no_step(dataset, tmp_path, local_ray):
+    """A real Ray worker gets SIGTERM (a scheduler, a spot reclaim) at step 9, with the tiny preset's checkpoint
+    interval of 25: the whole group checkpoints at the end of the step and the next group starts there, and the
+    restart is not counted as a failure (max_failures=0 would have ended the run)."""
+    from raytrainer.launch import run
+
+    cfg = micro_config(dataset, str(tmp_path / "runs"), name="sigterm", steps=20, extra=[
+        "parallel.min_workers=2", "parallel.max_workers=2", "parallel.max_failures=0", "checkpoint.every_steps=25",
+        "faults=[{step: 9, kind: sigterm, rank: 1}]"])
+    result = run(cfg)
+    assert result["step"] == 20
+    history = read_history(open_storage(str(tmp_path / "runs" / "sigterm")))
+    (preempted,) = history.of_kind("preempted")
+    assert preempted["ranks"] == [1] and preempted["step"] in (10, 11)  # the step the notice reached every rank
+    (resume,) = history.of_kind("resume")
+    assert resume["step"] == preempted["step"] and not history.abandoned  # no step trained twice, none lost
+    assert [r["step"] for r in history.steps] == list(range(20))
+    (resumed,) = [e for e in read_events(RunStore.for_run(cfg)) if e["event"] == "resumed"]
+    assert resumed["steps_redone"] == 0
+
+
 def test_more_workers_than_the_cluster_can_ever_have_fails_fast(dataset, tmp_path, local_ray):
     from raytrainer.launch import run
 
