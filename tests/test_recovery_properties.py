@@ -149,7 +149,7 @@ def run_schedule(tmp: Path, s: dict, monkeypatch) -> None:
 
 
 @pytest.mark.slow
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schedule=schedules)
 def test_random_schedules_keep_every_invariant(tmp_path_factory, monkeypatch, schedule):
     run_schedule(tmp_path_factory.mktemp("prop"), schedule, monkeypatch)

@@ -44,8 +44,8 @@ def s3_overrides(server) -> list[str]:
 
 def test_s3_checkpoints_survive_a_crash_a_hang_and_a_resubmission(dataset, s3_server, s3_url, local_ray):
     """Two workers checkpoint to a real S3 server. A worker process dies mid-run: the run resumes from the
-    last checkpoint by itself. The job is submitted again with more steps: it resumes where it ended, and a
-    worker that hangs in that second run is ended by the step watchdog and the run resumes again."""
+    last checkpoint by itself. The job is submitted again with more steps: it resumes where it ended, and
+    retention deletes what Ray Train was told of, which a third submission survives."""
     from raytrainer.launch import run
 
     extra = [*s3_overrides(s3_server), "parallel.min_workers=2", "parallel.max_workers=2",
@@ -75,11 +75,12 @@ def test_s3_checkpoints_survive_a_crash_a_hang_and_a_resubmission(dataset, s3_se
     assert {r["step"] for r in history.abandoned} <= set(range(10, 13))
     ray.shutdown()
 
-    faults = "faults=[{step: 12, kind: crash, rank: 1}, {step: 24, kind: hang, rank: 0}]"
+    # (A hung worker on S3 is in the chaos soak's short schedule, tests/test_chaos.py.)
     keep_one = [*extra, "checkpoint.keep_last=1"]
-    second = run(micro_config(dataset, s3_url, name="s3run", steps=30, extra=[*keep_one, faults]))
+    second = run(micro_config(dataset, s3_url, name="s3run", steps=30,
+                              extra=[*keep_one, "faults=[{step: 12, kind: crash, rank: 1}]"]))
     assert second["step"] == 30
-    assert second["metrics"]["start_step"] == 20  # resumed at 20 after the hang; the crash did not fire again
+    assert second["metrics"]["start_step"] == 20  # resumed where it ended; the crash did not fire again
     assert store.steps() == [30]  # retention deleted the checkpoints Ray Train was told of earlier ...
     assert second["ray_checkpoint_step"] == 30 and {20, 30} <= set(second["ray_checkpoint_steps"])
     ray.shutdown()
@@ -87,27 +88,6 @@ def test_s3_checkpoints_survive_a_crash_a_hang_and_a_resubmission(dataset, s3_se
     third = run(micro_config(dataset, s3_url, name="s3run", steps=30, extra=keep_one))
     assert third["step"] == 30 and third["ray_checkpoint_step"] == 30
     assert time.monotonic() - t0 < 600
-
-
-def test_sigterm_to_a_worker_checkpoints_the_group_and_loses_no_step(dataset, tmp_path, local_ray):
-    """A real Ray worker gets SIGTERM (a scheduler, a spot reclaim) at step 9, with the tiny preset's checkpoint
-    interval of 25: the whole group checkpoints at the end of the step and the next group starts there, and the
-    restart is not counted as a failure (max_failures=0 would have ended the run)."""
-    from raytrainer.launch import run
-
-    cfg = micro_config(dataset, str(tmp_path / "runs"), name="sigterm", steps=20, extra=[
-        "parallel.min_workers=2", "parallel.max_workers=2", "parallel.max_failures=0", "checkpoint.every_steps=25",
-        "faults=[{step: 9, kind: sigterm, rank: 1}]"])
-    result = run(cfg)
-    assert result["step"] == 20
-    history = read_history(open_storage(str(tmp_path / "runs" / "sigterm")))
-    (preempted,) = history.of_kind("preempted")
-    assert preempted["ranks"] == [1] and preempted["step"] in (10, 11)  # the step the notice reached every rank
-    (resume,) = history.of_kind("resume")
-    assert resume["step"] == preempted["step"] and not history.abandoned  # no step trained twice, none lost
-    assert [r["step"] for r in history.steps] == list(range(20))
-    (resumed,) = [e for e in read_events(RunStore.for_run(cfg)) if e["event"] == "resumed"]
-    assert resumed["steps_redone"] == 0
 
 
 def test_more_workers_than_the_cluster_can_ever_have_fails_fast(dataset, tmp_path, local_ray):

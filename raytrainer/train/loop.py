@@ -487,6 +487,7 @@ class Trainer:
             "tokens": stats.tokens,
             "tokens_seen": self.tokens_seen,
             "seq_len": stats.seq_len,
+            "batch": self.feed.batch_index,  # the global batch this step trained on (skips shift it)
             "action": decision.action,
             "reason": decision.reason if decision.action != "continue" else None,
             "rerun": decision.rerun,

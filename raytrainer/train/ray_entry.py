@@ -135,9 +135,15 @@ def train_fn(loop_config: dict, secrets: SecretStr | None = None) -> None:
         logging.getLogger().addHandler(ForwardToDriver(announce, rank))
     notice = StopNotice(sources=(ray_drain_notice,))
     restore_sigterm = watch_for_stop(notice, rank) if cfg.checkpoint.on_preemption else (lambda: None)
+    hooks = {}
+    if any(f.kind == "s3_outage" for f in cfg.faults):
+        from raytrainer.fault.outage import outage_hook
+
+        hooks["s3_outage"] = outage_hook(cfg.run.name)
     env = WorkerEnv(
         rank=rank,
         notice=notice.reason,
+        hooks=hooks,
         world_size=ctx.get_world_size(),
         report=report,
         broadcast=broadcast_from_rank0,
