@@ -53,7 +53,8 @@ def soak(preset: str, overrides: list[str], steps: int, seed: int, workdir: str,
             timings[cfg.run.name] = time.monotonic() - t0
         root = open_storage(clean_cfg.checkpoint.storage, clean_cfg.checkpoint.s3)
         card = scorecard(faults, read_history(root.child(chaos_cfg.run.name)),
-                         read_events(RunStore.for_run(chaos_cfg)), read_history(root.child(clean_cfg.run.name)), steps)
+                         read_events(RunStore.for_run(chaos_cfg)), read_history(root.child(clean_cfg.run.name)), steps,
+                         every)
         card.notes.append(f"wall time: clean {timings[clean_cfg.run.name]:.0f} s, "
                           f"chaos {timings[chaos_cfg.run.name]:.0f} s")
         return card, faults, timings

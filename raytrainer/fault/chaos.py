@@ -2,7 +2,7 @@
 
     faults = schedule(seed=0, steps=300, world_size=2, every_steps=25, first=40)
     ... run the job with `faults` (and once without, the clean run) ...
-    card = scorecard(faults, chaos_history, guardian_events, clean_history)
+    card = scorecard(faults, chaos_history, guardian_events, clean_history, steps=300, every_steps=25)
     card.rows      # per fault: what was expected, what the run did, steps and seconds it cost
     card.checks    # run finished; every fault survived as expected; batches trained = clean run's minus the
                    # skipped; losses equal to the clean run's until the first skipped update; final loss close
@@ -10,8 +10,9 @@
 Expected decisions: a NaN, a poisoned batch and an exploding gradient are skipped (their reruns reproduce); a
 flipped bit in one rank's gradients is a transient fault, its clean rerun applied; a killed worker, a hung
 one (the step watchdog) and an S3 outage during a save restart the group from the newest committed checkpoint;
-a SIGTERM checkpoints the group first, so its restart redoes no step. The data faults are at most
-`guardian.skips_before_rollback` of them, so none of them escalates to a rollback.
+a SIGTERM checkpoints the group first, so its restart redoes no step (an S3 outage short enough for the
+storage client's retries may cost no restart at all: the checkpoint it hit must then be committed). The data
+faults are at most `guardian.skips_before_rollback` of them, so none of them escalates to a rollback.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ class Scorecard:
         return "\n".join(lines + ([""] + self.notes if self.notes else []))
 
 
-def scorecard(faults: list[dict], chaos, events: list[dict], clean, steps: int, loss_tolerance: float = 0.05
-              ) -> Scorecard:
+def scorecard(faults: list[dict], chaos, events: list[dict], clean, steps: int, every_steps: int,
+              loss_tolerance: float = 0.05) -> Scorecard:
     """`chaos`, `clean`: the two runs' raytrainer.metrics RunHistory; `events`: the chaos run's guardian events."""
     card = Scorecard()
     timeline = {r["step"]: r for r in chaos.steps}
@@ -92,7 +93,7 @@ def scorecard(faults: list[dict], chaos, events: list[dict], clean, steps: int, 
     resumed = [e for e in events if e.get("event") == "resumed"]
     preempted = chaos.of_kind("preempted")
     once = [f for f in faults if not (f["kind"] == "loss_spike" and f["rank"] != 0)]
-    restarts = sorted((f for f in once if f["kind"] in RESTART_FAULTS), key=lambda f: f["step"])
+    unmatched = sorted(resumed, key=lambda e: e.get("seq", 0))  # restarts not yet put down to a fault
     finished = bool(chaos.of_kind("finish")) and max(timeline, default=-1) == steps - 1
     for f in once:
         kind, step = f["kind"], f["step"]
@@ -111,21 +112,29 @@ def scorecard(faults: list[dict], chaos, events: list[dict], clean, steps: int, 
             row["survived"] = finished and row["detected"] and bool(record.get("applied"))
             row["seconds"] = max(0.0, record.get("step_time_s", 0.0) - typical)
         else:
-            i = restarts.index(f)
-            resume = resumed[i] if i < len(resumed) else None
+            hi = step + (every_steps + 1 if kind == "s3_outage" else 2)  # an upload's error may surface later
+            resume = next((e for e in unmatched if step - 1 <= e.get("last_step_before", -1) <= hi), None)
+            if resume is not None:
+                unmatched.remove(resume)
+                row["observed"] = f"restart at step {resume['step']}"
+                row["steps_lost"] = int(resume.get("steps_redone", 0))
+                row["seconds"] = float(resume.get("stalled_s", 0.0))
+            else:
+                row["observed"] = "no restart"
             row["detected"] = resume is not None
-            row["observed"] = "no restart" if resume is None else f"restart at step {resume['step']}"
             if kind == "sigterm":
                 notice = next((p for p in preempted if p["step"] >= step), None)
                 row["observed"] = (f"checkpoint {notice['step']}, " if notice else "no checkpoint, ") + row["observed"]
                 row["detected"] = row["detected"] and notice is not None
-            if resume is not None:
-                row["steps_lost"] = int(resume.get("steps_redone", 0))
-                row["seconds"] = float(resume.get("stalled_s", 0.0))
-            row["survived"] = finished and resume is not None and (kind != "sigterm" or row["steps_lost"] == 0)
+            if kind == "s3_outage" and resume is None:
+                hit = (step // every_steps + 1) * every_steps
+                row["detected"] = any(c["step"] == hit for c in chaos.of_kind("checkpoint"))
+                row["observed"] = f"save retried, checkpoint {hit} committed" if row["detected"] else "save lost"
+            row["survived"] = finished and row["detected"] and (kind != "sigterm" or row["steps_lost"] == 0)
         card.rows.append(row)
 
     card.checks["the run finished"] = finished
+    card.checks["every restart was caused by an injected fault"] = not unmatched
     card.checks["every fault detected and survived as expected"] = all(r["detected"] and r["survived"]
                                                                         for r in card.rows)
     data_steps = {f["step"] for f in once if f["kind"] in DATA_FAULTS}
