@@ -86,9 +86,14 @@ def test_the_scorecard_fails_what_went_wrong():
 
 @pytest.mark.slow
 def test_a_short_chaos_soak_survives_every_fault_and_trains_the_clean_runs_batches(tmp_path):
+    import ray
+
     dataset = make_dataset(tmp_path)
-    card, faults, _ = soak("tiny", [*MICRO, f"data.path={dataset}", "eval.every_steps=null",
-                                    "guardian.step_timeout_s=15"], steps=60, seed=0, workdir=str(tmp_path))
+    try:
+        card, faults, _ = soak("tiny", [*MICRO, f"data.path={dataset}", "eval.every_steps=null",
+                                        "guardian.step_timeout_s=15"], steps=60, seed=0, workdir=str(tmp_path))
+    finally:
+        ray.shutdown()
     print(card.table())
     assert card.ok, card.table()
     assert {r["kind"] for r in card.rows} == set(KINDS)
