@@ -54,7 +54,11 @@ MICRO_RUNS = [
     ("micro-lr3e-2-seed1", ["optim.lr=3e-2", "train.seed=1"], 300),
     ("micro-lr1e-1-nowarmup", ["optim.lr=1e-1", "schedule.warmup_steps=0"], 300),
 ]
-PRESET_RUNS = [("tiny-preset", [], 200)]
+PRESET_RUNS = [
+    ("tiny-preset", [], 200),
+    ("tiny-lr3e-2-nowarmup", ["optim.lr=3e-2", "schedule.warmup_steps=0"], 120),
+    ("tiny-lr1e-2-nowarmup", ["optim.lr=1e-2", "schedule.warmup_steps=0"], 120),
+]
 PRESET_LR = 3e-3  # the tiny preset's optim.lr: runs at it are the clean ones
 
 
@@ -86,7 +90,7 @@ def run_config(name: str, model: list[str], overrides: list[str], steps: int, da
                                 "checkpoint.every_steps=100000", *overrides])
 
 
-def record(preset: bool) -> dict:
+def record(preset: bool, only: list[str] | None = None) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from runs import MICRO_MODEL, make_dataset
 
@@ -97,6 +101,8 @@ def record(preset: bool) -> dict:
         if preset:
             runs += [(n, [], o, s, dataset_path()) for n, o, s in PRESET_RUNS]
         for name, model, overrides, steps, data in runs:
+            if only and name not in only:
+                continue
             cfg = run_config(name, model, overrides, steps, data, tmp)
             t0 = time.perf_counter()
             curves[name] = {"model": "micro" if model else "tiny", "overrides": overrides, "lr": cfg.optim.lr,
@@ -235,16 +241,21 @@ def main() -> None:
     parser.add_argument("--metrics", action="append", default=[], type=Path,
                         help="add the curve of a run's metrics/*.jsonl (repeatable)")
     parser.add_argument("--replay", action="store_true", help="score the curves already recorded")
+    parser.add_argument("--only", action="append", default=[],
+                        help="train only this run (repeatable); the other recorded curves are kept")
     args = parser.parse_args()
     torch.set_num_threads(2)
     RESULTS.mkdir(exist_ok=True)
     if args.replay:
         data = json.loads(CURVES.read_text())
+    elif args.only:
+        data = json.loads(CURVES.read_text()) if CURVES.exists() else {"guardian_preset": "tiny", "runs": {}}
+        data["runs"].update(record(True, args.only)["runs"])
     else:
         data = record(args.preset)
     for path in args.metrics:
         data["runs"][f"metrics:{path.parent.parent.name}/{path.stem}"] = curve_from_metrics(path)
-    if not args.replay or args.metrics:
+    if not args.replay or args.metrics or args.only:
         CURVES.write_text(json.dumps(data))
     result = score(data)
     result["reported_shape"] = score_reported_shape(data)
