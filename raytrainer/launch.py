@@ -21,6 +21,7 @@ from raytrainer.config import Config, ConfigError, secret_values, to_dict
 log = logging.getLogger("raytrainer.launch")
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+RAY_STORAGE_ATTEMPTS = 7  # the SDK backs off 1, 2, 4 ... s between attempts: about a minute in all
 
 
 def init_ray(cfg: Config) -> None:
@@ -233,7 +234,9 @@ def run(cfg: Config) -> dict:
             log.warning("run %s: the guardian's abort is cleared (run.resume_after_abort=true), and "
                         "guardian.max_rollbacks=%d more rollbacks are allowed; going on from the newest checkpoint",
                         cfg.run.name, cfg.guardian.max_rollbacks)
-    storage = open_storage(cfg.checkpoint.storage, cfg.checkpoint.s3)
+    # Ray Train's controller writes its own run state there; one failed write ends the run (ControllerError), so
+    # its client rides out an object-store outage of about a minute.
+    storage = open_storage(cfg.checkpoint.storage, cfg.checkpoint.s3, max_attempts=RAY_STORAGE_ATTEMPTS)
     trainer = build_torch_trainer(cfg, storage.root, storage.fs)
     log.info("training %s: %d steps on %d..%d %s workers (%s); metrics in %s", cfg.run.name, cfg.train.steps,
              cfg.parallel.min_workers, cfg.parallel.max_workers,

@@ -51,7 +51,9 @@ def chaos_records(crash_resume_at: int = 20, sigterm_redone: int = 0) -> list[di
 
 FAULTS = [{"step": 12, "kind": "nan_loss", "rank": 0}, {"step": 15, "kind": "grad_bitflip", "rank": 1},
           {"step": 22, "kind": "crash", "rank": 0}, {"step": 27, "kind": "sigterm", "rank": 1}]
-EVENTS = [{"event": "resumed", "seq": 1, "step": 20, "last_step_before": 21, "steps_redone": 2, "stalled_s": 15.0},
+EVENTS = [{"event": "skip", "seq": 0, "step": 12, "batch": 12, "rerun": "reproduced"},
+          {"event": "suspect_hardware", "seq": 0, "step": 15, "ranks": [1]},
+          {"event": "resumed", "seq": 1, "step": 20, "last_step_before": 21, "steps_redone": 2, "stalled_s": 15.0},
           {"event": "resumed", "seq": 2, "step": 28, "last_step_before": 27, "steps_redone": 0, "stalled_s": 9.0}]
 
 
@@ -73,7 +75,7 @@ def test_the_scorecard_fails_what_went_wrong():
                      every_steps=10)
     assert not card.checks["no checkpoint lost: every restart began at the newest committed checkpoint, or later"]
     # A SIGTERM whose restart redid steps did not survive as expected; an unexplained restart is flagged.
-    events = [EVENTS[0], {**EVENTS[1], "steps_redone": 3},
+    events = [*EVENTS[:3], {**EVENTS[3], "steps_redone": 3},
               {"event": "resumed", "seq": 3, "step": 30, "last_step_before": 35}]
     card = scorecard(FAULTS, build_history(chaos_records()), events, clean, steps=40, every_steps=10)
     assert not card.checks["every fault detected and survived as expected"]

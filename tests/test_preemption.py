@@ -32,7 +32,7 @@ def test_the_first_sigterm_is_a_notice_and_the_second_stops_the_process():
         from raytrainer.fault.preemption import StopNotice
         from raytrainer.train.ray_notice import watch_for_stop
         notice = StopNotice()
-        watch_for_stop(notice, rank=0)
+        watch_for_stop(notice)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.2)
         print("told:", notice.reason(), flush=True)
@@ -51,7 +51,7 @@ def in_process(tmp_path, steps: int, extra: list[str]):
 
     cfg = micro_config(make_dataset(tmp_path), str(tmp_path / "runs"), name="pre", steps=steps, extra=extra)
     notice = StopNotice()
-    restore = watch_for_stop(notice, rank=0)
+    restore = watch_for_stop(notice)
     try:
         return build_trainer(cfg, WorkerEnv(notice=notice.reason), torch.device("cpu")), restore
     except BaseException:
@@ -96,7 +96,7 @@ def run_two_ranks(rank: int, world_size: int, out_dir, dataset, storage: str):
     cfg = micro_config(dataset, storage, name="two", steps=20, extra=[
         "parallel.max_workers=2", "checkpoint.every_steps=25", "faults=[{step: 9, kind: sigterm, rank: 1}]"])
     notice = StopNotice()
-    restore = watch_for_stop(notice, rank)  # each spawned rank's main thread: a real signal handler
+    restore = watch_for_stop(notice)  # each spawned rank's main thread: a real signal handler
     env = WorkerEnv(rank=rank, world_size=world_size, broadcast=broadcast_from_rank0, nodes=["node-a", "node-b"],
                     notice=notice.reason)
     trainer = build_trainer(cfg, env, torch.device("cpu"))

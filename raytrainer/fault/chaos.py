@@ -31,16 +31,19 @@ EXPECTED = {"nan_loss": "skip", "loss_spike": "skip", "grad_explode": "skip", "g
 def schedule(seed: int, steps: int, world_size: int, every_steps: int, first: int,
              kinds: tuple[str, ...] = KINDS) -> list[dict]:
     """One fault of each kind at distinct steps in [first, steps - every_steps), in a seeded order, on seeded
-    ranks. An S3 outage falls on the step before a checkpoint, so it hits that save; the others fall between
-    checkpoints, at least two steps from one."""
+    ranks. An S3 outage comes last, on the step before a checkpoint, so it hits that save; the others fall
+    between checkpoints, at least two steps from one."""
     rng = random.Random(seed)
     last = steps - every_steps
     span = last - first
     if span < 2 * len(kinds):
         raise ValueError(f"{len(kinds)} faults need more than {span} steps between step {first} and {last}")
     slots = sorted(rng.sample(range(len(kinds) * 2), len(kinds)))
-    order = list(kinds)
+    order = [k for k in kinds if k != "s3_outage"]
     rng.shuffle(order)
+    # The outage last: its failed upload may surface a checkpoint later, and the restart it then costs would
+    # replay (and, with the fault markers unwritable during the outage, fire again) faults scheduled after it.
+    order += [k for k in kinds if k == "s3_outage"]
     faults = []
     for slot, kind in zip(slots, order, strict=True):
         step = first + slot * span // (2 * len(kinds))
@@ -99,16 +102,20 @@ def scorecard(faults: list[dict], chaos, events: list[dict], clean, steps: int, 
         kind, step = f["kind"], f["step"]
         row = {"step": step, "kind": kind, "rank": f["rank"], "expected": EXPECTED[kind], "steps_lost": 0,
                "seconds": 0.0}
-        record = timeline.get(step, {})
+        # A restart may replay the step after its fault fired: the record of the faulty pass is an abandoned one.
+        record = next((r for r in [*chaos.steps, *chaos.abandoned] if r["step"] == step and r.get("rerun")),
+                      timeline.get(step, {}))
         if kind in DATA_FAULTS:
-            row["observed"] = f"{record.get('action')} ({record.get('rerun') or 'no rerun'})"
-            row["detected"] = record.get("action") in ("skip", "rollback")
-            row["survived"] = finished and record.get("action") == "skip" and record.get("rerun") == "reproduced"
+            decision = next((e for e in events if e.get("step") == step and e.get("event") in ("skip", "rollback")),
+                            {})
+            row["observed"] = f"{decision.get('event', 'continue')} ({decision.get('rerun') or 'no rerun'})"
+            row["detected"] = bool(decision)
+            row["survived"] = finished and decision.get("event") == "skip" and decision.get("rerun") == "reproduced"
             row["seconds"] = max(0.0, record.get("step_time_s", 0.0) - typical)
         elif kind == "grad_bitflip":
             applied = "applied" if record.get("applied") else "not applied"
             row["observed"] = f"{record.get('rerun') or 'no rerun'}, {applied}"
-            row["detected"] = record.get("rerun") == "transient"
+            row["detected"] = any(e.get("event") == "suspect_hardware" and e.get("step") == step for e in events)
             row["survived"] = finished and row["detected"] and bool(record.get("applied"))
             row["seconds"] = max(0.0, record.get("step_time_s", 0.0) - typical)
         else:
@@ -142,7 +149,7 @@ def scorecard(faults: list[dict], chaos, events: list[dict], clean, steps: int, 
         r.get("applied") or r["step"] in data_steps for r in chaos.steps)
     card.checks["the clean run applied every update"] = all(r.get("applied") for r in clean.steps)
     trained = [r["batch"] for r in chaos.steps if r.get("applied")]
-    skipped = {r["batch"] for r in chaos.steps if not r.get("applied")}
+    skipped = {e["batch"] for e in events if e.get("event") == "skip" and e.get("batch") is not None}
     for e in events:
         if e.get("event") == "rollback" and e.get("skip_range"):
             skipped |= set(range(*e["skip_range"]))

@@ -14,7 +14,6 @@ instead of the interval since the last scheduled checkpoint.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 
@@ -27,13 +26,17 @@ class StopNotice:
 
     def __init__(self, sources: tuple[Callable[[], str | None], ...] = ()):
         self._reason: str | None = None
-        self._lock = threading.Lock()
         self._sources = sources  # polled on each reason(): e.g. Ray's notice that this node is being drained
 
     def notify(self, reason: str) -> None:
-        with self._lock:
-            if self._reason is None:
-                self._reason = reason
+        """Safe in a signal handler: one assignment, no lock, no logging."""
+        if self._reason is None:
+            self._reason = reason
+
+    @property
+    def told(self) -> bool:
+        """Whether a reason is recorded (without asking the sources)."""
+        return self._reason is not None
 
     def reason(self) -> str | None:
         if self._reason is None:

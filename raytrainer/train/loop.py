@@ -149,6 +149,7 @@ class Trainer:
         self._last_entry: dict = {}  # the last step's metrics (a checkpoint keeps them)
         self.tokens_seen = 0  # tokens of the updates in the model now (a rollback takes them back)
         self._decode: Any = None  # the dataset tokenizer's decode, loaded on the first blame (False: cannot)
+        self._told = False  # this rank's stop notice is in the log
 
     # ------------------------------------------------------------------ the algorithm
 
@@ -198,7 +199,7 @@ class Trainer:
             data_wait = time.perf_counter() - t0
             if self.injector is not None:
                 micro_batches = self.injector.before_forward(step, micro_batches)
-            stopping = self.cfg.checkpoint.on_preemption and self.env.notice() is not None
+            stopping = self.cfg.checkpoint.on_preemption and self.note_stop_notice()
             stats = self.engine.forward_backward(micro_batches, step, data_wait_s=data_wait, stopping=stopping)
             told = [r for r, flag in enumerate(stats.metrics.get("rank_stopping", [])) if flag]
             decision = self.decide(step, stats)
@@ -226,6 +227,15 @@ class Trainer:
         if told:
             self.stop_for_notice(step, told, saved)
         return step
+
+    def note_stop_notice(self) -> bool:
+        """Whether this rank was told to stop; said once in the log (by this rank: it may be the only one)."""
+        reason = self.env.notice()
+        if reason is not None and not self._told:
+            self._told = True
+            log.warning("rank %d was told to stop (%s): every rank checkpoints at the end of this step, then the "
+                        "group stops and restarts from that checkpoint", self.env.rank, reason)
+        return reason is not None
 
     def stop_for_notice(self, step: int, ranks: list[int], saved: bool) -> None:
         """Some ranks were told to stop: checkpoint the whole group now, wait until it is committed, and end the

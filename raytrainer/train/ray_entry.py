@@ -134,7 +134,7 @@ def train_fn(loop_config: dict, secrets: SecretStr | None = None) -> None:
     if announce is not None and not cfg.run.verbose:
         logging.getLogger().addHandler(ForwardToDriver(announce, rank))
     notice = StopNotice(sources=(ray_drain_notice,))
-    restore_sigterm = watch_for_stop(notice, rank) if cfg.checkpoint.on_preemption else (lambda: None)
+    restore_sigterm = watch_for_stop(notice) if cfg.checkpoint.on_preemption else (lambda: None)
     hooks = {}
     if any(f.kind == "s3_outage" for f in cfg.faults):
         from raytrainer.fault.outage import outage_hook

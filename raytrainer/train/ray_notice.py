@@ -4,9 +4,13 @@ being drained for preemption. Both go into a raytrainer.fault.preemption.StopNot
 A Ray worker runs the train function in a thread of its own, where signal.signal() is refused; the process's
 main thread handles SIGTERM with a handler that exits at once, through `raise_sys_exit_with_custom_error_message`
 in ray._private.worker (main_loop's sigterm_handler looks that name up when the signal comes). The notice takes
-that one name's place: the first SIGTERM is recorded and the process goes on, so the group can checkpoint at the
-end of the step; a second SIGTERM exits at once, as before. In a process's main thread (no Ray worker), an
-ordinary signal handler does the same.
+that one name's place: the first SIGTERM is recorded and the handler returns, so the process goes on and the
+group checkpoints at the end of the step; a second SIGTERM exits at once, as before. The handler runs in the
+middle of whatever Ray's main thread was doing, so it does nothing but set the notice: no logging (a worker's
+warnings go to the driver through a Ray actor call, which from there corrupts Ray's task context) and no lock.
+Holding the main thread until the checkpoint is done is no option either: Ray Train's report barrier waits on
+actor calls that only the main thread serves. In a process's main thread (no Ray worker), an ordinary signal
+handler records the notice the same way.
 """
 
 from __future__ import annotations
@@ -24,22 +28,18 @@ log = logging.getLogger("raytrainer.train")
 SIGTERM_REASON = "SIGTERM"
 
 
-def watch_for_stop(notice: StopNotice, rank: int) -> Callable[[], None]:
-    """Route this process's SIGTERM into `notice`; returns the function that puts the old handling back."""
-    def told() -> None:
-        log.warning("rank %d got SIGTERM: the group checkpoints at the end of this step, then stops (a second "
-                    "SIGTERM stops this process at once)", rank)
-
+def watch_for_stop(notice: StopNotice) -> Callable[[], None]:
+    """Route this process's SIGTERM into `notice`; returns the function that puts the old handling back. The loop
+    says so in the log when it sees the notice (never the handler: see the module docstring)."""
     if threading.current_thread() is threading.main_thread():
         previous = signal.getsignal(signal.SIGTERM)
 
         def on_sigterm(signum: int, frame: Any) -> None:
-            if notice.reason() is not None:
+            if notice.told:
                 signal.signal(signal.SIGTERM, previous)
                 signal.raise_signal(signal.SIGTERM)
                 return
             notice.notify(SIGTERM_REASON)
-            told()
 
         signal.signal(signal.SIGTERM, on_sigterm)
         return lambda: signal.signal(signal.SIGTERM, previous)
@@ -54,9 +54,8 @@ def watch_for_stop(notice: StopNotice, rank: int) -> Callable[[], None]:
         return lambda: None
 
     def on_exit(message: str, *args: Any, **kwargs: Any) -> Any:
-        if "SIGTERM" in str(message) and notice.reason() is None:
+        if "SIGTERM" in str(message) and not notice.told:
             notice.notify(SIGTERM_REASON)
-            told()
             return None
         return original(message, *args, **kwargs)
 
