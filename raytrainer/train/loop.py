@@ -35,6 +35,7 @@ from raytrainer.train.metrics import Throughput, perplexity
 log = logging.getLogger("raytrainer.train")
 
 METRICS_FLUSH_AT_SAVE_S = 5.0
+STOP_COMMIT_WAIT_S = 60.0  # how long a stopping group waits to see its last checkpoint committed
 
 
 class NodesExcluded(RuntimeError):
@@ -150,6 +151,7 @@ class Trainer:
         self.tokens_seen = 0  # tokens of the updates in the model now (a rollback takes them back)
         self._decode: Any = None  # the dataset tokenizer's decode, loaded on the first blame (False: cannot)
         self._told = False  # this rank's stop notice is in the log
+        self._committed: set[int] = set()  # checkpoints rank 0 has seen committed by every rank
 
     # ------------------------------------------------------------------ the algorithm
 
@@ -247,6 +249,14 @@ class Trainer:
             self.save(step)
         self.checkpoints.settle()
         self.keep_books()
+        # Rank 0 sees the commit once every rank's record is listed; the group ends only after that (or a minute).
+        deadline = time.monotonic() + STOP_COMMIT_WAIT_S
+        while self.env.rank == 0 and step not in self._committed and time.monotonic() < deadline:
+            time.sleep(0.5)
+            self.keep_books()
+        if not self.env.broadcast(step in self._committed if self.env.rank == 0 else None) and self.env.rank == 0:
+            log.warning("step %d: the stop checkpoint was not seen committed by every rank within %.0f s; the next "
+                        "group starts from the newest complete one", step, STOP_COMMIT_WAIT_S)
         nodes = sorted({self.env.nodes[r] for r in ranks if r < len(self.env.nodes)})
         self.note("preempted", step=step, ranks=ranks, nodes=nodes, checkpoint=self.checkpoints.store.step_url(step),
                   save_s=time.perf_counter() - t0, reason=self.env.notice() or "told to stop")
@@ -365,6 +375,7 @@ class Trainer:
         for step in committed:
             self.guardian.on_checkpoint(step)
             self.note("checkpoint", step=step, url=self.checkpoints.store.step_url(step))
+            self._committed.add(step)
         if committed:  # a newer checkpoint may now be the target: ask, so retention can let the old pin go
             self._pin = self.guardian.rollback_target()
         if committed or self._pin is not None:
