@@ -47,10 +47,12 @@ class FakeEngine:
         self.applied: list[int] = []
         self._batch: int | None = None
 
-    def forward_backward(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0) -> StepStats:
+    def forward_backward(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0,
+                         stopping: bool = False) -> StepStats:
         self._batch = micro_batches[0]["batch"]
         loss = math.nan if self._batch in self.poisoned else 2.0 + 0.001 * (step % 3)
-        return StepStats(step, loss, 1.0, math.isfinite(loss), 64, 64, 1e-3, 16)
+        return StepStats(step, loss, 1.0, math.isfinite(loss), 64, 64, 1e-3, 16,
+                         metrics={"rank_stopping": [stopping]})
 
     def recompute(self, micro_batches: list[dict], step: int, data_wait_s: float = 0.0,
                   token_losses: bool = False) -> StepStats:
