@@ -27,6 +27,7 @@ class S3OutageSwitch:
         self.server.start()
         self.seconds = seconds
         self.outages: list[int] = []
+        self._comeback: threading.Timer | None = None
 
     def info(self) -> dict:
         return {"endpoint_url": self.server.endpoint_url, "access_key": self.server.access_key,
@@ -35,7 +36,8 @@ class S3OutageSwitch:
     def outage(self, step: int) -> None:
         self.outages.append(step)
         self.server.stop()
-        threading.Timer(self.seconds, self.server.start).start()
+        self._comeback = threading.Timer(self.seconds, self.server.start)
+        self._comeback.start()
 
     def history(self) -> list[int]:
         return list(self.outages)
@@ -44,6 +46,9 @@ class S3OutageSwitch:
         return self.server.running
 
     def shutdown(self) -> None:
+        if self._comeback is not None:  # a server brought back after this would outlive the run
+            self._comeback.cancel()
+            self._comeback.join()
         self.server.stop()
 
 
