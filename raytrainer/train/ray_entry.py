@@ -14,7 +14,7 @@ from raytrainer.checkpoint.manager import all_ranks_agree, run_store
 from raytrainer.checkpoint.ray_pointers import read_pointer, registered_dir_name, write_pointer
 from raytrainer.config import Config, with_secrets
 from raytrainer.fault.preemption import StopNotice
-from raytrainer.train.loop import NoGuardian, Trainer, WorkerEnv, set_worker_threads
+from raytrainer.train.loop import NoGuardian, Trainer, WorkerEnv, gather_objects, set_worker_threads
 from raytrainer.train.ray_notice import ray_drain_notice, watch_for_stop
 
 log = logging.getLogger("raytrainer.train")
@@ -32,12 +32,7 @@ def every_ranks_node() -> list[str]:
     """The Ray node id of every rank, in rank order: how the guardian names (and excludes) a suspect node."""
     import ray
 
-    mine = ray.get_runtime_context().get_node_id()
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return [mine]
-    nodes: list = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, mine)
-    return [str(n) for n in nodes]
+    return [str(n) for n in gather_objects(ray.get_runtime_context().get_node_id())]
 
 
 def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=None, store=None) -> Trainer:
