@@ -329,6 +329,7 @@ class CheckpointConfig(Section):
     keep_last: int = Field(3, gt=0)
     keep_every: int | None = Field(None, gt=0)  # steps; checkpoints at multiples are kept for good
     async_upload: bool = True
+    upload_retry_s: float = Field(300.0, ge=0)  # a failing upload is retried this long before the run restarts
     on_preemption: bool = True  # a SIGTERM or Ray's preemption notice: checkpoint the whole group at once
     mirror: str | None = None  # optional second location for every committed checkpoint
     s3: S3Config = S3Config()

@@ -21,7 +21,9 @@ controller tries again with the right size.
   which the size is chosen again from the nodes still there, so a wrong guess costs seconds, not minutes.
 
 The nodes the run's guardian excluded after repeated transient faults (`GuardianClient.excluded_nodes`)
-are left out the same way, for the rest of the run.
+are left out the same way, for the rest of the run, and so are nodes Ray is draining (a preemption notice):
+their raylet still answers, but Ray places nothing new there, so counting them would make the next group
+wait for a placement that never comes.
 
 `NodeLossAwareTorchTrainer` is a TorchTrainer that hands this policy to the controller for elastic runs.
 """
@@ -82,6 +84,16 @@ def live_nodes(node_ids: Iterable[str], probe_timeout_s: float = DEFAULT_PROBE_T
     return {n["NodeID"] for n, ok in zip(alive, answers, strict=True) if ok}
 
 
+def draining_nodes() -> set[str]:
+    """The nodes Ray is draining (for preemption, or to scale down): it places no new work on them."""
+    try:
+        from ray._private import state as ray_state
+
+        return set(ray_state.state.get_draining_nodes())
+    except Exception:  # a GCS hiccup, or a Ray without the call: leave sizing to the liveness probe
+        return set()
+
+
 class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
     """Ray Train's elastic policy, counting only nodes that are alive now (see the module docstring).
 
@@ -106,7 +118,7 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
         now = time.monotonic()
         if self._looked is not None and self._looked[1] == node_ids and now - self._looked[0] < LIVENESS_CACHE_S:
             return self._looked[2]
-        live = live_nodes(node_ids, self.probe_timeout_s)
+        live = live_nodes(node_ids, self.probe_timeout_s) - draining_nodes()
         self._looked = (time.monotonic(), node_ids, live)
         return live
 
@@ -121,8 +133,8 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
         live = live - excluded  # a new set: the liveness cache keeps what the probe found
         lost = set(reserved_resources) - live
         if lost - self.lost_nodes:
-            log.warning("node(s) %s are gone or excluded by the guardian; sizing the worker group without them",
-                        ", ".join(sorted(lost - self.lost_nodes)))
+            log.warning("node(s) %s are gone, being drained, or excluded by the guardian; sizing the worker group "
+                        "without them", ", ".join(sorted(lost - self.lost_nodes)))
         self.lost_nodes = lost
         return super()._count_possible_workers({n: r for n, r in reserved_resources.items() if n in live})
 

@@ -86,6 +86,23 @@ def test_the_scorecard_fails_what_went_wrong():
     assert not card.checks["final loss within 5% of the clean run's"]
 
 
+def test_an_s3_outage_is_survived_only_by_a_retried_upload_without_a_restart():
+    clean = build_history([step(s) for s in range(40)] + [{"kind": "finish", "step": 40}])
+    faults = sorted([*FAULTS, {"step": 19, "kind": "s3_outage", "rank": 1}], key=lambda f: f["step"])
+    card = scorecard(faults, build_history(chaos_records()), EVENTS, clean, steps=40, every_steps=10)
+    assert card.ok, card.table()
+    rows = {r["kind"]: r for r in card.rows}
+    assert rows["s3_outage"]["observed"] == "upload retried, checkpoint 20 committed"
+    assert rows["crash"]["observed"] == "restart at step 20"  # the crash's restart is not put down to the outage
+    assert [r["step"] for r in card.rows] == [12, 15, 19, 22, 27]
+    # The outage cost a restart of its own: detected, but not survived as expected.
+    events = [*EVENTS, {"event": "resumed", "seq": 3, "step": 20, "last_step_before": 23, "steps_redone": 3}]
+    card = scorecard(faults, build_history(chaos_records()), events, clean, steps=40, every_steps=10)
+    rows = {r["kind"]: r for r in card.rows}
+    assert rows["s3_outage"]["detected"] and not rows["s3_outage"]["survived"]
+    assert not card.checks["every fault detected and survived as expected"]
+
+
 @pytest.mark.slow
 def test_a_short_chaos_soak_survives_every_fault_and_trains_the_clean_runs_batches(tmp_path):
     import ray

@@ -348,3 +348,25 @@ def test_unreadable_primary_without_mirror_is_an_error_not_a_fresh_start(tmp_pat
 
 
 # --------------------------------------------------------------------------- Ray Train hook
+
+
+def test_housekeeping_flush_returns_once_a_late_rank_has_committed_the_watched_step():
+    """What CheckpointManager.settle promises a stopping group: rank 0 has seen the step committed by every rank,
+    even when another rank's upload finishes after rank 0's own."""
+    import time
+
+    from raytrainer.checkpoint.housekeeping import Housekeeper
+
+    class LateRankStore:
+        def __init__(self, after_s: float):
+            self.ready_at = time.monotonic() + after_s
+
+        def is_complete(self, step: int) -> bool:
+            return time.monotonic() >= self.ready_at
+
+    keeper = Housekeeper(LateRankStore(after_s=1.0))
+    keeper.watch(10)
+    assert keeper.flush(30) and keeper.committed() == [10]
+    keeper = Housekeeper(LateRankStore(after_s=60.0))
+    keeper.watch(20)
+    assert not keeper.flush(0.5) and keeper.committed() == []

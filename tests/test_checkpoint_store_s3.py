@@ -40,6 +40,37 @@ def test_outage_during_async_save_surfaces_and_never_yields_a_torn_checkpoint(s3
     store.close()
 
 
+def test_an_upload_hit_by_a_short_outage_is_retried_and_commits(s3_server, s3_url, tmp_path, caplog):
+    import threading
+
+    store = CheckpointStore(s3_url, RUN, s3_server.s3_config(), upload_retry_s=120)
+    store.save_rank(10, stage(tmp_path, 10, 0), 0, 1)
+    s3_server.stop()
+    comeback = threading.Timer(4.0, s3_server.start)
+    comeback.start()
+    try:
+        store.save_rank_async(20, stage(tmp_path, 20, 0, nbytes=4 * 1024 * 1024), 0, 1)
+        store.wait()  # no error: the upload thread outlasted the outage
+    finally:
+        comeback.join()
+        s3_server.start()
+    assert store.latest_complete() == 20 and store.verify(20, full=True).ok
+    assert "retrying for up to 120 s" in caplog.text and "uploaded to" in caplog.text
+    store.close()
+
+
+def test_an_outage_longer_than_the_retry_time_fails_the_upload(s3_server, s3_url, tmp_path):
+    store = CheckpointStore(s3_url, RUN, s3_server.s3_config(), upload_retry_s=3)
+    s3_server.stop()
+    try:
+        store.save_rank_async(20, stage(tmp_path, 20, 0), 0, 1)
+        with pytest.raises(CheckpointError, match=r"step 20 rank 0 .* failed \(failing for \d+ s, \d+ attempts\)"):
+            store.wait()
+    finally:
+        s3_server.start()
+    assert not store.is_complete(20)
+
+
 def test_server_restart_keeps_committed_checkpoints(s3_server, s3_url, tmp_path):
     store = CheckpointStore(s3_url, RUN, s3_server.s3_config())
     for rank in range(2):

@@ -101,6 +101,26 @@ def test_nodes_the_guardian_excluded_are_left_out_like_lost_ones(monkeypatch):
         listening.close()
 
 
+def test_nodes_ray_is_draining_are_left_out(monkeypatch):
+    import socket
+
+    from raytrainer import elastic
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    try:
+        nodes = [fake_node("a" * 56, listening.getsockname()[1]), fake_node("b" * 56, listening.getsockname()[1])]
+        monkeypatch.setattr(elastic.ray, "nodes", lambda: nodes)
+        draining = {"b" * 56}
+        monkeypatch.setattr(elastic, "draining_nodes", lambda: set(draining))
+        policy = elastic.NodeLossAwareElasticPolicy(elastic_scaling(), 600, 30)
+        slot = {"CPU": 2.0, "trainer_slot": 1.0}
+        assert policy._count_possible_workers({n["NodeID"]: slot for n in nodes}) == 1
+        selector = policy.on_controller_start_worker_group(scaling_config=elastic_scaling(), num_workers=1)
+        assert selector == {elastic.NODE_ID_LABEL: f"!in({'b' * 56})"}
+    finally:
+        listening.close()
+
+
 def test_only_the_first_start_waits_the_start_timeout(monkeypatch):
     from ray.train.v2._internal.execution.controller.state import RunningState, SchedulingState
     from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
@@ -301,6 +321,71 @@ def test_training_resumes_on_the_remaining_worker_within_a_minute_of_an_abrupt_n
         assert min(shrunk) > last_two >= before  # the 1-worker run went on from the 2-worker checkpoints
         assert resumed["step"] <= min(shrunk)
         assert first_step_s < 60, tail(log)
+    finally:
+        if proc is not None:
+            stop_job(proc)
+        cluster.shutdown()
+
+
+def drain_for_preemption(cluster, node, deadline_s: float) -> None:
+    """What a cloud's spot interruption does through Ray: the node is drained for preemption with a deadline.
+    Ray Train's preemption watcher sees it and marks every worker of the group."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    gcs = ray._raylet.GcsClient(address=cluster.gcs_address)
+    accepted, why = gcs.drain_node(node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                   "spot interruption (test)", int((time.time() + deadline_s) * 1000))
+    assert accepted, why
+
+
+def run_records(run_dir: Path, kind: str) -> list[dict]:
+    """The run's metrics records of one kind, as far as they are written (steps: the applied timeline)."""
+    from raytrainer.metrics.history import read_history
+    from raytrainer.storage import open_storage
+
+    try:
+        history = read_history(open_storage(str(run_dir)))
+    except Exception:  # written by another process while we read: look again on the next poll
+        return []
+    return history.steps if kind == "step" else history.of_kind(kind)
+
+
+@pytest.mark.slow
+def test_a_node_drained_for_preemption_checkpoints_the_group_and_the_run_goes_on_without_it(
+        dataset, tmp_path, monkeypatch):
+    """Ray's own preemption notice, end to end: a node is drained for preemption (deadline a minute away); every
+    worker checkpoints at the end of the step the notice reached them, the group ends, and the next one starts
+    on the remaining node from that checkpoint, redoing no step."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.delenv(START_TIMEOUT_ENV, raising=False)
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")  # the controller inherits it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    proc = None
+    log = tmp_path / "job.log"
+    run = tmp_path / "drain"
+    try:
+        nodes = [cluster.add_node(**SLOT), cluster.add_node(**SLOT)]
+        cluster.wait_for_nodes()
+        store = CheckpointStore(str(tmp_path), "drain")
+        proc = start_job(cluster, dataset, tmp_path, "drain", log, extra=["checkpoint.every_steps=50"])
+        wait_for(lambda: [r for r in run_records(run, "step") if r["step"] >= 12], 180, "step 12", proc, log)
+        doomed = pick_doomed(nodes)
+        assert hosts(doomed, "RayTrainWorker")
+        drained_at = time.time()
+        drain_for_preemption(cluster, doomed, deadline_s=60)
+        resumed = wait_for(lambda: resumes_after(run, drained_at), 120, "the first step of the next group", proc,
+                           log)[0]
+        stop = wait_for(lambda: run_records(run, "preempted"), 10, "the record of the group's stop", proc, log)[0]
+        restart = [r for r in run_records(run, "resume") if r["step"] == stop["step"]]
+        print(f"drained -> checkpoint {stop['step']} by a stopping group, {stop['save_s']:.1f}s to save and commit; "
+              f"the next group's first step {resumed['time'] - drained_at:.1f}s after the drain")
+        assert "draining" in stop["reason"] and doomed.node_id in stop["reason"], stop
+        assert stop["step"] % 50 != 0 and (stop["step"], 2) in checkpoint_worlds(store)  # not a scheduled one
+        assert resumed["step"] == stop["step"] and resumed["steps_redone"] == 0, resumed
+        assert restart and restart[0]["world_size"] == 1, restart  # without the draining node
+        assert not hosts(doomed, "RayTrainWorker")
     finally:
         if proc is not None:
             stop_job(proc)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from raytrainer.checkpoint import CheckpointStore
+from raytrainer.config import load_config
 from raytrainer.fault.events import EventLog, RunStore, read_events
 from raytrainer.fault.guardian import Guardian
 from raytrainer.train.loop import GuardianAbort, WorkerEnv
@@ -157,15 +158,13 @@ def test_aborts_when_rollbacks_are_exhausted(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_s3_outage_during_a_save_loses_nothing_already_written(dataset, s3_server, s3_url):
-    """The server stops while step 20 uploads: that checkpoint never becomes loadable, the error names the
-    step, and the restarted run resumes from step 10 and finishes."""
+    """The server stops while step 20 uploads, for longer than checkpoint.upload_retry_s: that checkpoint never
+    becomes loadable, the error names the step, and the restarted run resumes from step 10 and finishes."""
     import threading
 
-    creds = [f"checkpoint.s3.endpoint_url={s3_server.endpoint_url}", "checkpoint.s3.region=us-east-1",
-             f"checkpoint.s3.access_key_id={s3_server.access_key}",
-             f"checkpoint.s3.secret_access_key={s3_server.secret_key}"]
     cfg = micro_config(dataset, s3_url, name="outage", steps=30,
-                       extra=[*creds, "faults=[{step: 19, kind: s3_outage}]"])
+                       extra=[*s3_settings(s3_server), "faults=[{step: 19, kind: s3_outage}]",
+                              "checkpoint.upload_retry_s=5"])
 
     def outage(step):
         s3_server.stop()
@@ -185,3 +184,36 @@ def test_s3_outage_during_a_save_loses_nothing_already_written(dataset, s3_serve
     history = restarted.fit()["history"]  # the outage fired once: the marker keeps it from firing again
     assert min(losses(history)) == 10 and max(losses(history)) == 29
     assert store.latest_complete() == 30
+
+
+def s3_settings(s3_server) -> list[str]:
+    return [f"checkpoint.s3.endpoint_url={s3_server.endpoint_url}", "checkpoint.s3.region=us-east-1",
+            f"checkpoint.s3.access_key_id={s3_server.access_key}",
+            f"checkpoint.s3.secret_access_key={s3_server.secret_key}"]
+
+
+@pytest.mark.slow
+def test_an_s3_outage_shorter_than_the_retry_time_costs_no_restart(dataset, s3_server, s3_url, caplog):
+    """With the preset's checkpoint settings (upload retries of 300 s), an outage of 8 s during the upload of
+    step 20 delays that checkpoint: the run trains on, commits it and every later one, and never restarts."""
+    import threading
+
+    cfg = micro_config(dataset, s3_url, name="outage-retried", steps=30,
+                       extra=[*s3_settings(s3_server), "faults=[{step: 19, kind: s3_outage}]"])
+    assert cfg.checkpoint.upload_retry_s == load_config("tiny").checkpoint.upload_retry_s
+    comeback: list[threading.Timer] = []
+
+    def outage(step):
+        s3_server.stop()
+        comeback.append(threading.Timer(8.0, s3_server.start))
+        comeback[-1].start()
+
+    trainer = build_trainer(cfg, WorkerEnv(hooks={"s3_outage": outage}), torch.device("cpu"),
+                            guardian=Guardian(cfg.guardian))
+    history = trainer.fit()["history"]
+    for timer in comeback:
+        timer.join()
+    assert comeback and sorted(losses(history)) == list(range(30))
+    store = CheckpointStore(s3_url, "outage-retried", s3_server.s3_config())
+    assert {20, 30} <= set(store.steps()) and store.latest_complete() == 30
+    assert "checkpoint step 20 upload to" in caplog.text and "retrying for up to 300 s" in caplog.text

@@ -59,7 +59,7 @@ class TrainerState:
 def run_store(cfg: Config) -> CheckpointStore:
     """The run's CheckpointStore as the trainer writes it: checkpoint.storage/<run name>, plus the mirror."""
     ck = cfg.checkpoint
-    return CheckpointStore(ck.storage, cfg.run.name, ck.s3, mirror=ck.mirror)
+    return CheckpointStore(ck.storage, cfg.run.name, ck.s3, mirror=ck.mirror, upload_retry_s=ck.upload_retry_s)
 
 
 def default_staging_dir(run_name: str, rank: int) -> Path:
@@ -195,13 +195,16 @@ class CheckpointManager:
                 log.info("deleted checkpoints %s: they belong to the branch the guardian rolled back", newer)
         self.env.broadcast(None)
 
-    def settle(self, timeout_s: float | None = 300.0) -> None:
+    def settle(self, timeout_s: float | None = 300.0) -> bool:
         """Block until this rank's uploads are done and rank 0 has seen which of its saves every rank
-        committed (the next committed() returns them). For the end of a run, and for tests."""
+        committed (the next committed() returns them). False on rank 0 when some save was still not committed
+        by every rank after `timeout_s` (said in the log); True elsewhere."""
         self.wait()
         if self.rank0 and not self.housekeeper.flush(timeout_s):
             log.warning("checkpoint bookkeeping: some saves were still not committed by every rank after %s s",
                         timeout_s)
+            return False
+        return True
 
     def finish(self, timeout_s: float = 300.0) -> None:
         """At the end of a run: this rank's uploads, then rank 0's pending deletions and pins, are done."""

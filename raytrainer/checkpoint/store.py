@@ -67,6 +67,7 @@ class CheckpointStore:
         mirror_s3: S3Config | None = None,
         io_threads: int = 4,
         max_pending: int = 2,
+        upload_retry_s: float = 0.0,
     ):
         if not run_name or "/" in run_name:
             raise ValueError(f"run_name={run_name!r} must be a non-empty name without '/'")
@@ -78,7 +79,7 @@ class CheckpointStore:
                 run_name, CHECKPOINTS_DIR
             )
         self.io_threads = io_threads
-        self.writer = CheckpointWriter(self.primary, self.mirror, io_threads, max_pending)
+        self.writer = CheckpointWriter(self.primary, self.mirror, io_threads, max_pending, upload_retry_s)
 
     def __repr__(self) -> str:
         mirror = f", mirror={self.mirror.url}" if self.mirror else ""

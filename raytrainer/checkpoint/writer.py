@@ -5,6 +5,10 @@ Before writing anything for a step, a rank deletes its own old record for that s
 every rank (rank 0 broadcasts one) to also rule out records from two different attempts being mixed.
 With a mirror, each rank copies its files and then its record to the mirror after committing to the
 primary. Asynchronous saves run on one background thread per process, at most `max_pending` queued.
+
+Object storage has outages of seconds to minutes. With `retry_s` > 0 a failed upload is started again (from
+the withdrawal of the old record) with a growing pause, until it has been failing for `retry_s` seconds:
+an outage that short costs a checkpoint's delay, not a restart from the one before.
 """
 
 from __future__ import annotations
@@ -33,12 +37,21 @@ from raytrainer.storage import Storage
 
 log = logging.getLogger("raytrainer.checkpoint")
 
+RETRY_FIRST_PAUSE_S = 1.0
+RETRY_MAX_PAUSE_S = 15.0
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
 
 class CheckpointWriter:
     """Uploads and commits one process's checkpoint files to the primary (and the mirror)."""
 
-    def __init__(self, primary: Storage, mirror: Storage | None = None, io_threads: int = 4, max_pending: int = 2):
+    def __init__(self, primary: Storage, mirror: Storage | None = None, io_threads: int = 4, max_pending: int = 2,
+                 retry_s: float = 0.0):
         self.primary = primary
+        self.retry_s = retry_s
         self.mirror = mirror
         self.io_threads = io_threads
         self.max_pending = max_pending
@@ -209,30 +222,53 @@ class CheckpointWriter:
         expected: CommitRecord | None = None,
     ) -> CommitRecord:
         step_dir = storage.child(step_dir_name(step))
-        try:
-            # Withdraw this rank's old commit first: a step being re-saved is incomplete until every
-            # rank has committed again.
-            step_dir.delete_file(record_name(rank))
-            files = self._upload_files(step_dir, local_dir, local_files)
-            if expected is not None and files != expected.files:
-                changed = sorted(r for r in files if files[r] != expected.files.get(r))
-                raise CheckpointError(
-                    f"{local_dir} changed between the primary and mirror uploads: {changed[:5]}"
-                )
-            record = CommitRecord(
-                step=step,
-                rank=rank,
-                world_size=world_size,
-                files=files,
-                metadata=metadata,
-                save_id=save_id,
-                created=time.time(),
-            )
-            step_dir.write_bytes(record_name(rank), record.to_json())
-        except OSError as e:
-            raise CheckpointError(
-                f"saving checkpoint step {step} rank {rank} to {step_dir.url} failed: {e}"
-            ) from e
+        first_failure: float | None = None
+        pause = RETRY_FIRST_PAUSE_S
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                record = self._commit_once(step_dir, step, local_dir, local_files, rank, world_size, metadata,
+                                           save_id, expected)
+                break
+            except OSError as e:
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                if now - first_failure + pause > self.retry_s:
+                    waited = f" (failing for {now - first_failure:.0f} s, {attempts} attempts)" if attempts > 1 else ""
+                    raise CheckpointError(
+                        f"saving checkpoint step {step} rank {rank} to {step_dir.url} failed{waited}: {e}"
+                    ) from e
+                if attempts == 1:
+                    log.warning("rank %d: checkpoint step %d upload to %s failed (%s); retrying for up to %.0f s "
+                                "(checkpoint.upload_retry_s)", rank, step, step_dir.url, _first_line(e), self.retry_s)
+                time.sleep(pause)
+                pause = min(2 * pause, RETRY_MAX_PAUSE_S)
+        if first_failure is not None:
+            log.warning("rank %d: checkpoint step %d uploaded to %s after %d attempts over %.0f s of storage errors",
+                        rank, step, step_dir.url, attempts, time.monotonic() - first_failure)
+        return record
+
+    def _commit_once(self, step_dir: Storage, step: int, local_dir: Path, local_files: dict[str, int], rank: int,
+                     world_size: int, metadata: dict, save_id: str | None,
+                     expected: CommitRecord | None) -> CommitRecord:
+        # Withdraw this rank's old commit first: a step being re-saved is incomplete until every rank has
+        # committed again (and a retried upload is, until this rank's record is written again).
+        step_dir.delete_file(record_name(rank))
+        files = self._upload_files(step_dir, local_dir, local_files)
+        if expected is not None and files != expected.files:
+            changed = sorted(r for r in files if files[r] != expected.files.get(r))
+            raise CheckpointError(f"{local_dir} changed between the primary and mirror uploads: {changed[:5]}")
+        record = CommitRecord(
+            step=step,
+            rank=rank,
+            world_size=world_size,
+            files=files,
+            metadata=metadata,
+            save_id=save_id,
+            created=time.time(),
+        )
+        step_dir.write_bytes(record_name(rank), record.to_json())
         return record
 
     def _upload_files(

@@ -8,11 +8,11 @@
                    # skipped; losses equal to the clean run's until the first skipped update; final loss close
 
 Expected decisions: a NaN, a poisoned batch and an exploding gradient are skipped (their reruns reproduce); a
-flipped bit in one rank's gradients is a transient fault, its clean rerun applied; a killed worker, a hung
-one (the step watchdog) and an S3 outage during a save restart the group from the newest committed checkpoint;
-a SIGTERM checkpoints the group first, so its restart redoes no step (an S3 outage short enough for the
-storage client's retries may cost no restart at all: the checkpoint it hit must then be committed). The data
-faults are at most `guardian.skips_before_rollback` of them, so none of them escalates to a rollback.
+flipped bit in one rank's gradients is a transient fault, its clean rerun applied; a killed worker and a hung
+one (the step watchdog) restart the group from the newest committed checkpoint; a SIGTERM checkpoints the group
+first, so its restart redoes no step; an S3 outage during a save (shorter than checkpoint.upload_retry_s) costs
+no restart: the upload is retried and the checkpoint it hit is committed. The data faults are at most
+`guardian.skips_before_rollback` of them, so none of them escalates to a rollback.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ DATA_FAULTS = ("nan_loss", "loss_spike", "grad_explode")
 RESTART_FAULTS = ("crash", "hang", "s3_outage", "sigterm")
 KINDS = (*DATA_FAULTS, "grad_bitflip", *RESTART_FAULTS)
 EXPECTED = {"nan_loss": "skip", "loss_spike": "skip", "grad_explode": "skip", "grad_bitflip": "transient, applied",
-            "crash": "restart", "hang": "restart", "s3_outage": "restart", "sigterm": "checkpoint, restart"}
+            "crash": "restart", "hang": "restart", "s3_outage": "upload retried, no restart",
+            "sigterm": "checkpoint, restart"}
 
 
 def schedule(seed: int, steps: int, world_size: int, every_steps: int, first: int,
@@ -98,7 +99,9 @@ def scorecard(faults: list[dict], chaos, events: list[dict], clean, steps: int, 
     once = [f for f in faults if not (f["kind"] == "loss_spike" and f["rank"] != 0)]
     unmatched = sorted(resumed, key=lambda e: e.get("seq", 0))  # restarts not yet put down to a fault
     finished = bool(chaos.of_kind("finish")) and max(timeline, default=-1) == steps - 1
-    for f in once:
+    # An outage's window is wide (its upload error may surface a checkpoint later): it takes only the restarts
+    # no other fault explains.
+    for f in sorted(once, key=lambda f: f["kind"] == "s3_outage"):
         kind, step = f["kind"], f["step"]
         row = {"step": step, "kind": kind, "rank": f["rank"], "expected": EXPECTED[kind], "steps_lost": 0,
                "seconds": 0.0}
@@ -133,13 +136,17 @@ def scorecard(faults: list[dict], chaos, events: list[dict], clean, steps: int, 
                 notice = next((p for p in preempted if p["step"] >= step), None)
                 row["observed"] = (f"checkpoint {notice['step']}, " if notice else "no checkpoint, ") + row["observed"]
                 row["detected"] = row["detected"] and notice is not None
-            if kind == "s3_outage" and resume is None:
+            if kind == "s3_outage":
                 hit = (step // every_steps + 1) * every_steps
-                row["detected"] = any(c["step"] == hit for c in chaos.of_kind("checkpoint"))
-                row["observed"] = f"save retried, checkpoint {hit} committed" if row["detected"] else "save lost"
-            row["survived"] = finished and row["detected"] and (kind != "sigterm" or row["steps_lost"] == 0)
+                committed = any(c["step"] == hit for c in chaos.of_kind("checkpoint"))
+                if resume is None:
+                    row["observed"] = f"upload retried, checkpoint {hit} committed" if committed else "save lost"
+                row["detected"] = committed or resume is not None
+            row["survived"] = finished and row["detected"] and (kind != "sigterm" or row["steps_lost"] == 0) and (
+                kind != "s3_outage" or resume is None)
         card.rows.append(row)
 
+    card.rows.sort(key=lambda r: r["step"])
     card.checks["the run finished"] = finished
     card.checks["every restart was caused by an injected fault"] = not unmatched
     card.checks["every fault detected and survived as expected"] = all(r["detected"] and r["survived"]

@@ -247,13 +247,9 @@ class Trainer:
         t0 = time.perf_counter()
         if not saved:
             self.save(step)
-        self.checkpoints.settle()
-        self.keep_books()
         # Rank 0 sees the commit once every rank's record is listed; the group ends only after that (or a minute).
-        deadline = time.monotonic() + STOP_COMMIT_WAIT_S
-        while self.env.rank == 0 and step not in self._committed and time.monotonic() < deadline:
-            time.sleep(0.5)
-            self.keep_books()
+        self.checkpoints.settle(STOP_COMMIT_WAIT_S)
+        self.keep_books()
         if not self.env.broadcast(step in self._committed if self.env.rank == 0 else None) and self.env.rank == 0:
             log.warning("step %d: the stop checkpoint was not seen committed by every rank within %.0f s; the next "
                         "group starts from the newest complete one", step, STOP_COMMIT_WAIT_S)
