@@ -143,3 +143,24 @@ def test_the_failure_policy_restarts_a_preempted_group_without_counting_a_failur
     assert [policy.make_decision(preempted) for _ in range(3)] == [FailureDecision.RETRY] * 3
     crashed = WorkerGroupError("rank 1 died", {1: UserExceptionWithTraceback(RuntimeError("boom"), "tb")})
     assert policy.make_decision(crashed) == FailureDecision.RAISE  # max_failures=0: a real failure still counts
+
+
+def test_rays_drain_notice_names_the_node_and_when_it_goes(monkeypatch):
+    import re
+    import time
+    from types import SimpleNamespace
+
+    from ray.train.v2._internal.execution import context
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    from raytrainer.train.ray_notice import ray_drain_notice
+
+    marked = SimpleNamespace(preemption_context=SimpleNamespace(preemption_info=None))
+    monkeypatch.setattr(context, "get_train_context", lambda: marked)
+    assert ray_drain_notice() is None  # no drain: no notice
+    deadline_ms = int((time.time() + 90) * 1000)
+    marked.preemption_context.preemption_info = PreemptionInfo(deadline_ms, {"node-b": [1], "node-a": [0]})
+    notice = ray_drain_notice()
+    assert notice.startswith("Ray is draining node(s) node-a, node-b for preemption by ")
+    assert time.strftime("%H:%M", time.gmtime(deadline_ms / 1000)) in notice
+    assert re.search(r"UTC \(in (8[0-9]|90) s\)$", notice), notice

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -74,5 +75,11 @@ def ray_drain_notice() -> str | None:
         return None
     if info is None:
         return None
-    deadline = f" by {info.deadline_ms / 1000:.0f} (unix s)" if info.deadline_ms else ""
-    return f"Ray is draining node(s) {', '.join(info.preempted_node_ids)} for preemption{deadline}"
+    return f"Ray is draining node(s) {', '.join(info.preempted_node_ids)} for preemption{_deadline(info.deadline_ms)}"
+
+
+def _deadline(deadline_ms: int | None) -> str:
+    if not deadline_ms:
+        return ""
+    at = time.gmtime(deadline_ms / 1000)
+    return f" by {time.strftime('%H:%M:%S', at)} UTC (in {deadline_ms / 1000 - time.time():.0f} s)"
