@@ -15,7 +15,7 @@ only from the steps they call healthy. Reported:
 
 - recall: doubling spikes caught within 2 steps of their first step (target: all of them);
 - false alarms: findings outside every labelled spike (and the 3 steps after one), on every run;
-- interventions on the runs at the preset learning rate (target: 0).
+- interventions on the clean runs (no doubling spike) at the preset learning rate (target: 0).
 
     .venv/bin/python bench/organic_spikes.py [--preset] [--metrics runs/tiny/metrics/X.jsonl] [--replay]
 """
@@ -54,12 +54,19 @@ MICRO_RUNS = [
     ("micro-lr3e-2-seed1", ["optim.lr=3e-2", "train.seed=1"], 300),
     ("micro-lr1e-1-nowarmup", ["optim.lr=1e-1", "schedule.warmup_steps=0"], 300),
 ]
+# A quarter of the preset's batch (2,048 tokens): one unusual document then carries a batch, and the loss of
+# such batches more than doubles on the sample corpus by its content alone, at the preset's own rate and at
+# unstable settings alike (no QK-norm, no clipping, Adam beta2 0.999, 10x the rate, no warmup).
+SMALL_BATCH = ["train.seq_len=128", "train.global_batch_tokens=2048", "train.micro_batch_size=16"]
 PRESET_RUNS = [
     ("tiny-preset", [], 200),
     ("tiny-lr3e-2-nowarmup", ["optim.lr=3e-2", "schedule.warmup_steps=0"], 120),
     ("tiny-lr1e-2-nowarmup", ["optim.lr=1e-2", "schedule.warmup_steps=0"], 120),
+    ("tiny-2k-tokens", SMALL_BATCH, 200),
+    ("tiny-2k-tokens-unstable", [*SMALL_BATCH, "model.qk_norm=false", "optim.grad_clip=null",
+                                 "optim.betas=[0.9,0.999]", "optim.lr=3e-2", "schedule.warmup_steps=0"], 200),
 ]
-PRESET_LR = 3e-3  # the tiny preset's optim.lr: runs at it are the clean ones
+PRESET_LR = 3e-3  # the tiny preset's optim.lr: runs at it without a doubling spike are the clean ones
 
 
 def dataset_path() -> str:
@@ -172,7 +179,7 @@ def score(data: dict) -> dict:
         false = [f for f in found if f["step"] not in inside]
         false_alarms += len(false)
         clean = not any(s["doubling"] for s in spikes)
-        if run["lr"] == PRESET_LR:
+        if run["lr"] == PRESET_LR and clean:  # a run with doubling spikes should see interventions
             preset_interventions += len(found)
         table.append({"run": name, "lr": run["lr"], "spikes": spikes, "findings": found, "false_alarms": false,
                       "clean": clean})
@@ -203,6 +210,8 @@ def score_reported_shape(data: dict, at: int = 60) -> list[dict]:
     for name, run in data["runs"].items():
         if run["lr"] != PRESET_LR or len(run["curve"]) < at + 31:
             continue
+        if any(s["doubling"] for s in label_spikes([p["loss"] for p in run["curve"]], 0)):
+            continue  # not a clean curve to lay the shape over
         curve = [dict(p) for p in run["curve"]]
         base = statistics.median(p["loss"] for p in curve[at - LABEL_WINDOW:at])
         for t, factor in enumerate(reported_shape()):
