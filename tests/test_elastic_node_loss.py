@@ -390,3 +390,46 @@ def test_a_node_drained_for_preemption_checkpoints_the_group_and_the_run_goes_on
         if proc is not None:
             stop_job(proc)
         cluster.shutdown()
+
+
+def guardian_events(run_dir: Path, kind: str) -> list[dict]:
+    from raytrainer.fault.events import RunStore, read_events
+
+    try:
+        return [e for e in read_events(RunStore.local(run_dir / "guardian")) if e["event"] == kind]
+    except OSError:
+        return []
+
+
+@pytest.mark.slow
+def test_a_node_the_guardian_excludes_gets_no_worker_of_the_next_group(dataset, tmp_path, monkeypatch):
+    """Silent corruption, end to end on Ray: rank 1's gradients get a flipped bit twice; each time the rerun
+    tells a transient fault and names its node, the second time (guardian.suspect_node_limit=2, the default)
+    the node is excluded: the group checkpoints and ends, and the next one is placed without that node."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.delenv(START_TIMEOUT_ENV, raising=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    proc = None
+    log = tmp_path / "job.log"
+    run = tmp_path / "exclude"
+    try:
+        nodes = [cluster.add_node(**SLOT), cluster.add_node(**SLOT)]
+        cluster.wait_for_nodes()
+        store = CheckpointStore(str(tmp_path), "exclude")
+        faults = "faults=[{step: 12, kind: grad_bitflip, rank: 1}, {step: 17, kind: grad_bitflip, rank: 1}]"
+        proc = start_job(cluster, dataset, tmp_path, "exclude", log, extra=["checkpoint.every_steps=50", faults])
+        excluded = wait_for(lambda: guardian_events(run, "exclude_node"), 180, "the node's exclusion", proc, log)[0]
+        suspects = guardian_events(run, "suspect_hardware")
+        assert [(e["step"], e["ranks"]) for e in suspects] == [(12, [1]), (17, [1])], suspects
+        assert {n for e in suspects for n in e["nodes"]} == {excluded["node"]}
+        resumed = wait_for(lambda: [r for r in run_records(run, "resume") if r["step"] == 18], 120,
+                           "the next group's start", proc, log)[0]
+        assert resumed["world_size"] == 1, resumed  # the excluded node's slot is not used again
+        assert (18, 2) in checkpoint_worlds(store)  # the group checkpointed the step before it ended
+        gone = next(n for n in nodes if n.node_id == excluded["node"])
+        assert not hosts(gone, "RayTrainWorker")
+    finally:
+        if proc is not None:
+            stop_job(proc)
+        cluster.shutdown()

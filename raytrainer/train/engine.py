@@ -96,6 +96,7 @@ class StepEngine:
         self.updates_skipped = 0
         self._pending: StepStats | None = None  # the step whose gradients wait for apply()
         self._rng_before: tuple | None = None  # the RNG state the pending step started from
+        self._recomputing = False
         # Called with the step number after the backward, before the gradient norm: fault injection's way to
         # corrupt one rank's gradients as failing hardware would.
         self.gradient_hooks: list[Callable[[int], None]] = []
@@ -156,8 +157,9 @@ class StepEngine:
             log.warning("step %d: fp16 gradients overflowed at loss scale %g; the update is skipped and the "
                         "scale halved", step, self.scaler.scale)
         elif not finite and s.rank == 0:
-            log.error("step %d: NON-FINITE loss=%s grad_norm=%s; this update will not be applied",
-                      step, loss, grad_norm)
+            # Not yet a decision: the guardian may recompute the step and apply a clean rerun (a transient fault).
+            log.error("step %d: NON-FINITE loss=%s grad_norm=%s%s; no non-finite update is ever applied", step, loss,
+                      grad_norm, " on the recomputation" if self._recomputing else "")
         seq_len = micro_batches[0]["input_ids"].shape[1]
         stats = StepStats(
             step=step,
@@ -189,7 +191,11 @@ class StepEngine:
         rng = self._rng_before
         self.zero_grad()  # the loss scale stays: the same step again, at the same scale
         _set_rng_state(rng, self.strategy.device)
-        stats = self.forward_backward(micro_batches, step, data_wait_s=data_wait_s, token_losses=token_losses)
+        self._recomputing = True
+        try:
+            stats = self.forward_backward(micro_batches, step, data_wait_s=data_wait_s, token_losses=token_losses)
+        finally:
+            self._recomputing = False
         stats.metrics["recomputed"] = True
         return stats
 
