@@ -378,7 +378,9 @@ def test_a_node_drained_for_preemption_checkpoints_the_group_and_the_run_goes_on
         resumed = wait_for(lambda: resumes_after(run, drained_at), 120, "the first step of the next group", proc,
                            log)[0]
         stop = wait_for(lambda: run_records(run, "preempted"), 10, "the record of the group's stop", proc, log)[0]
-        restart = [r for r in run_records(run, "resume") if r["step"] == stop["step"]]
+        # The guardian's event is written at once, the metrics record at the recorder's next flush: wait for it.
+        restart = wait_for(lambda: [r for r in run_records(run, "resume") if r["step"] == stop["step"]], 60,
+                           "the metrics record of the next group's start", proc, log)
         print(f"drained -> checkpoint {stop['step']} by a stopping group, {stop['save_s']:.1f}s to save and commit; "
               f"the next group's first step {resumed['time'] - drained_at:.1f}s after the drain")
         assert "draining" in stop["reason"] and doomed.node_id in stop["reason"], stop
