@@ -208,16 +208,21 @@ def tail(log: Path, lines: int = 60) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def resumes_after(run_dir: Path, t: float) -> list[dict]:
-    """The guardian's `resumed` events (logged at the first step finished after a restore, with its wall
-    time) newer than wall time t. The guardian actor outlives worker-group restarts (see pick_doomed)."""
+def guardian_events(run_dir: Path, kind: str) -> list[dict]:
+    """The guardian's events of one kind, as far as they are written. The guardian actor outlives worker-group
+    restarts (see pick_doomed)."""
     from raytrainer.fault.events import RunStore, read_events
 
     try:
-        events = read_events(RunStore.local(run_dir / "guardian"))
+        return [e for e in read_events(RunStore.local(run_dir / "guardian")) if e["event"] == kind]
     except OSError:
         return []
-    return [e for e in events if e["event"] == "resumed" and e["time"] >= t]
+
+
+def resumes_after(run_dir: Path, t: float) -> list[dict]:
+    """The guardian's `resumed` events (logged at the first step finished after a restore, with its wall
+    time) newer than wall time t."""
+    return [e for e in guardian_events(run_dir, "resumed") if e["time"] >= t]
 
 
 def node_processes(node) -> list:
@@ -392,15 +397,6 @@ def test_a_node_drained_for_preemption_checkpoints_the_group_and_the_run_goes_on
         if proc is not None:
             stop_job(proc)
         cluster.shutdown()
-
-
-def guardian_events(run_dir: Path, kind: str) -> list[dict]:
-    from raytrainer.fault.events import RunStore, read_events
-
-    try:
-        return [e for e in read_events(RunStore.local(run_dir / "guardian")) if e["event"] == kind]
-    except OSError:
-        return []
 
 
 @pytest.mark.slow

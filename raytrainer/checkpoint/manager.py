@@ -195,16 +195,13 @@ class CheckpointManager:
                 log.info("deleted checkpoints %s: they belong to the branch the guardian rolled back", newer)
         self.env.broadcast(None)
 
-    def settle(self, timeout_s: float | None = 300.0) -> bool:
+    def settle(self, timeout_s: float | None = 300.0) -> None:
         """Block until this rank's uploads are done and rank 0 has seen which of its saves every rank
-        committed (the next committed() returns them). False on rank 0 when some save was still not committed
-        by every rank after `timeout_s` (said in the log); True elsewhere."""
+        committed (the next committed() returns them), or `timeout_s` has passed (said in the log)."""
         self.wait()
         if self.rank0 and not self.housekeeper.flush(timeout_s):
             log.warning("checkpoint bookkeeping: some saves were still not committed by every rank after %s s",
                         timeout_s)
-            return False
-        return True
 
     def finish(self, timeout_s: float = 300.0) -> None:
         """At the end of a run: this rank's uploads, then rank 0's pending deletions and pins, are done."""
