@@ -82,6 +82,19 @@ def test_server_restart_keeps_committed_checkpoints(s3_server, s3_url, tmp_path)
     assert store.latest_complete() == 5 and store.verify(5, full=True).ok
 
 
+def test_a_pruned_step_is_gone_from_the_listing_though_the_server_keeps_its_empty_prefix(s3_server, s3_url,
+                                                                                          tmp_path):
+    store = CheckpointStore(s3_url, RUN, s3_server.s3_config())
+    for step in (10, 20, 30):
+        store.save_rank(step, stage(tmp_path, step, 0), 0, 1)
+    assert store.prune(keep_last=2) == [10]
+    # What some servers (SeaweedFS) and clients leave behind: the deleted step's prefix, empty.
+    store.primary.fs.create_dir(store.primary.path("step_00000010"))
+    assert store.step_numbers() == [10, 20, 30]
+    assert [(c.step, c.complete) for c in store.list()] == [(20, True), (30, True)]
+    assert store.steps() == [20, 30]
+
+
 def test_local_mirror_serves_loads_while_s3_is_down(s3_server, s3_url, tmp_path):
     store = CheckpointStore(s3_url, RUN, s3_server.s3_config(), mirror=str(tmp_path / "mirror"))
     for rank in range(2):

@@ -156,7 +156,9 @@ class CheckpointStore:
             if not isinstance(listed, list) or step not in listed:
                 continue
             try:
-                found.append((where, storage, read_step_state(storage, step)))
+                state = read_step_state(storage, step)
+                if state.listing:  # S3 servers such as SeaweedFS keep listing a deleted step's emptied prefix
+                    found.append((where, storage, state))
             except OSError as e:
                 errors.append(StorageError(f"cannot read checkpoint step {step} at {storage.url}: {e}",
                                            url=storage.url))
