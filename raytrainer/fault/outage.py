@@ -7,7 +7,9 @@ for a while when a worker's `s3_outage` fault fires (raytrainer.train.ray_entry 
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,17 +29,31 @@ class S3OutageSwitch:
         self.server.start()
         self.seconds = seconds
         self.outages: list[int] = []
-        self._comeback: threading.Timer | None = None
+        self._cycle: threading.Thread | None = None
+        self._cancelled = threading.Event()
 
     def info(self) -> dict:
         return {"endpoint_url": self.server.endpoint_url, "access_key": self.server.access_key,
                 "secret_key": self.server.secret_key, "url": self.server.url()}
 
     def outage(self, step: int) -> None:
+        """Take the server down and bring it back `seconds` later. Returns once S3 refuses connections: the
+        server's graceful stop can take many seconds more with connections open, and that wait must not stall
+        the worker that asked (its step watchdog would fire)."""
         self.outages.append(step)
+        self._cancelled.clear()
+        self._cycle = threading.Thread(target=self._down_and_up, args=(time.monotonic(),), daemon=True,
+                                       name="s3-outage")
+        self._cycle.start()
+        host, port = self.server.host, self.server.ports["s3.port"]
+        deadline = time.monotonic() + REFUSE_WAIT_S
+        while time.monotonic() < deadline and _accepts(host, port):
+            time.sleep(0.05)
+
+    def _down_and_up(self, began: float) -> None:
         self.server.stop()
-        self._comeback = threading.Timer(self.seconds, self.server.start)
-        self._comeback.start()
+        if not self._cancelled.wait(max(0.0, began + self.seconds - time.monotonic())):
+            self.server.start()
 
     def history(self) -> list[int]:
         return list(self.outages)
@@ -46,10 +62,21 @@ class S3OutageSwitch:
         return self.server.running
 
     def shutdown(self) -> None:
-        if self._comeback is not None:  # a server brought back after this would outlive the run
-            self._comeback.cancel()
-            self._comeback.join()
+        if self._cycle is not None:  # a server brought back after this would outlive the run
+            self._cancelled.set()
+            self._cycle.join()
         self.server.stop()
+
+
+REFUSE_WAIT_S = 5.0
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def start_outage_switch(run_name: str, data_dir: str, seconds: float = 10.0) -> Any:
