@@ -14,6 +14,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
+def _checkpoint_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="YAML file or preset name (default: the config the checkpoint was trained with)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from raytrainer.planner import format_plan, plan
 
@@ -69,21 +75,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raytrainer.export import export_hf
+    from raytrainer.export import export_hf, run_config, storage_access
 
-    cfg = load_config(args.config, args.overrides)
-    out = export_hf(cfg, args.run, args.out, step=args.step, use_ema=args.ema)
+    s3 = storage_access(args.overrides)
+    cfg, step = run_config(args.run, args.step, args.config, args.overrides, s3)
+    out = export_hf(cfg, args.run, args.out, step=step, use_ema=args.ema, s3=s3, dtype=args.dtype,
+                    lossy=args.lossy, force=args.force, max_shard_bytes=int(args.max_shard_gb * 1024**3))
     print(f"exported to {out}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from raytrainer.export import generate
+    from raytrainer.export import generate, run_config, storage_access
+    from raytrainer.sampling import Sampling
 
-    cfg = load_config(args.config, args.overrides)
-    text = generate(cfg, args.run, args.prompt, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, step=args.step, seed=args.seed)
-    print(text)
+    try:
+        sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+                            length_penalty=args.length_penalty, seed=args.seed)
+    except ValueError as e:
+        raise ConfigError(f"generate: {e}") from None
+    s3 = storage_access(args.overrides)
+    cfg, step = run_config(args.run, args.step, args.config, args.overrides, s3)
+    texts = generate(cfg, args.run, args.prompt or ["def "], sampling, step=step, s3=s3, use_ema=args.ema)
+    print("\n\n".join(texts))
     return 0
 
 
@@ -128,21 +144,35 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--verify", action="store_true", help="check every file's sha256")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("export", help="export a checkpoint to the Hugging Face Llama format")
-    _config_args(p)
-    p.add_argument("--run", required=True)
+    p = sub.add_parser("export", help="export a checkpoint as the same model in Hugging Face format (Llama, or "
+                       "Qwen3 for QK-norm models) with its tokenizer")
+    _checkpoint_config_args(p)
+    p.add_argument("--run", required=True, help="run directory: <checkpoint.storage>/<run.name>")
     p.add_argument("--out", required=True)
-    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--step", type=int, default=None, help="default: the latest complete checkpoint")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit")
+    p.add_argument("--lossy", action="store_true",
+                   help="export features no HF architecture has (logit soft-capping, muP): a different model")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
-    _config_args(p)
-    p.add_argument("--run", required=True)
-    p.add_argument("--prompt", default="def ")
+    _checkpoint_config_args(p)
+    p.add_argument("--run", required=True, help="run directory: <checkpoint.storage>/<run.name>")
+    p.add_argument("--prompt", action="append", default=None, help="repeat for a batch (default: 'def ')")
     p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--greedy", action="store_true", help="the likeliest token each time")
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length**this")
+    p.add_argument("--step", type=int, default=None, help="default: the latest complete checkpoint")
+    p.add_argument("--ema", action="store_true", help="sample from the EMA weights")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
     return parser
@@ -157,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except ConfigError as e:  # ExportRefused among them
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -136,6 +136,8 @@ class ModelConfig(Section):
     mtp_weight: float = Field(0.3, ge=0)
     attention: Literal["auto", "sdpa", "flex", "flash"] = "auto"
     loss: LossConfig = LossConfig()
+    # hf:<dir>: a fresh run starts from these Llama/Qwen3 safetensors (weights only; a resume ignores it)
+    init_from: str | None = Field(None, pattern=r"^hf:.+")
 
     @property
     def kv_heads(self) -> int:
@@ -579,6 +581,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{file}: not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{file}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides, source)
+
+
+def config_from_dict(raw: dict, overrides: list[str] | None = None, source: str = "a config") -> Config:
+    """A config from its dict form (e.g. the one a checkpoint holds) with `key.sub=value` overrides, validated;
+    `source` names where the dict came from in errors."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy: overrides must not change the caller's dict
     secrets = secret_paths()
     for item in overrides or []:
         if "=" not in item:

@@ -1,81 +1,62 @@
-"""Checkpoints out of the trainer: Hugging Face Llama format, and sampling for a quick look.
+"""Checkpoints out of the trainer: the same model in Hugging Face format, and sampling for a quick look.
 
-Our parameter names are HF Llama's without the `model.` prefix and RoPE uses the same rotate_half
-convention, so the export is a rename plus config.json; the multi-token-prediction heads have no HF
-counterpart and are dropped.
+A checkpoint holds the config it was trained with (trainer_state.json), so neither needs `--config`; one
+given replaces it, and `--set` overrides apply on top of either. Which HF architecture, and what an export
+refuses to write: raytrainer.hf.architecture.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
 
-from raytrainer.config import Config, ModelConfig
+from raytrainer.config import Config, S3Config, config_from_dict, load_config
+from raytrainer.hf.architecture import ExportRefused, hf_architecture, hf_config, hf_state_dict, lossy_features
+from raytrainer.sampling import Sampling
 
 log = logging.getLogger("raytrainer.export")
 
-
-def hf_config(cfg: ModelConfig) -> dict:
-    rope: dict = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling is not None:
-        s = cfg.rope_scaling
-        rope = {"rope_type": s.kind, "factor": s.factor, "rope_theta": cfg.rope_theta}
-        if s.kind == "yarn":
-            rope.update(original_max_position_embeddings=s.original_max_seq_len,
-                        beta_fast=s.beta_fast, beta_slow=s.beta_slow)
-    unsupported = [name for name, on in (("qk_norm", cfg.qk_norm), ("logit_softcap", cfg.logit_softcap),
-                                          ("mup_base_d_model", cfg.mup_base_d_model)) if on]
-    if unsupported:
-        log.warning("HF Llama has no %s: the exported model will not reproduce these features", unsupported)
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.hidden_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": rope,
-        "rope_scaling": None if cfg.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": "float32",
-    }
+DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
+DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
-def hf_state_dict(state: dict[str, torch.Tensor], tie_embeddings: bool) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, tensor in state.items():
-        if name.startswith("mtp.") or (tie_embeddings and name == "lm_head.weight"):
-            continue
-        out[name if name.startswith("lm_head") else f"model.{name}"] = tensor.detach().contiguous().clone()
-    return out
+def storage_access(overrides: list[str]) -> S3Config:
+    """The S3 settings to reach a run's checkpoints, from `--set checkpoint.s3.*=...` (and the environment)."""
+    own = [o for o in overrides if o.split("=", 1)[0].strip().startswith("checkpoint.s3.")]
+    return load_config(None, own).checkpoint.s3
 
 
-def write_hf(model_cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
-    from safetensors.torch import save_file
+def run_config(run_url: str, step: int | None = None, preset: str | None = None, overrides: list[str] = (),
+               s3: S3Config | None = None) -> tuple[Config, int]:
+    """(config, step) for a run's checkpoint (the newest complete one unless `step`): the config the checkpoint
+    was trained with, or `preset` when given, with `overrides` on top."""
+    from raytrainer.checkpoint import CheckpointStore
+    from raytrainer.checkpoint.manager import STATE_FILE
+    from raytrainer.report import split_run_url
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(state, model_cfg.tie_embeddings), str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(model_cfg), indent=2))
-    return out
+    storage, name = split_run_url(run_url)
+    store = CheckpointStore(storage, name, s3)
+    step = store.latest_complete() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {run_url}")
+    if preset is not None:
+        return load_config(preset, list(overrides)), step
+    stored = store.read_json(step, STATE_FILE).get("config")
+    if not stored:
+        raise ExportRefused(f"{store.step_url(step)}/{STATE_FILE} holds no config (written by an older version); "
+                            "give the run's config with --config (and its --set overrides)")
+    return config_from_dict(stored, list(overrides), f"{store.step_url(step)}/{STATE_FILE}"), step
 
 
-def load_model(cfg: Config, run_url: str, step: int | None = None, use_ema: bool = False):
+def load_model(cfg: Config, run_url: str, step: int | None = None, use_ema: bool = False,
+               s3: S3Config | None = None):
     """A single-process Transformer with the weights of a checkpoint (any strategy, any world size)."""
     from raytrainer.checkpoint import CheckpointStore
     from raytrainer.checkpoint.manager import MODEL_DIR
@@ -84,7 +65,7 @@ def load_model(cfg: Config, run_url: str, step: int | None = None, use_ema: bool
     from raytrainer.train.strategies import load_full_state_dict
 
     storage, name = split_run_url(run_url)
-    store = CheckpointStore(storage, name, cfg.checkpoint.s3)
+    store = CheckpointStore(storage, name, s3 if s3 is not None else cfg.checkpoint.s3)
     step = store.latest_complete() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {run_url}")
@@ -97,31 +78,90 @@ def load_model(cfg: Config, run_url: str, step: int | None = None, use_ema: bool
     return model.eval()
 
 
-def export_hf(cfg: Config, run_url: str, out_dir: str, step: int | None = None, use_ema: bool = False) -> Path:
-    model = load_model(cfg, run_url, step, use_ema)
-    out = write_hf(cfg.model, model.state_dict(), out_dir)
-    tokenizer_json = Path(cfg.data.tokenizer)
-    if tokenizer_json.suffix == ".json" and tokenizer_json.exists():
-        shutil.copy(tokenizer_json, out / "tokenizer.json")
+def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> list[str]:
+    """model.safetensors, or model-0000k-of-0000n.safetensors shards of at most `max_shard_bytes` (a bigger
+    tensor gets a shard of its own) with the index HF loads them by."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for shard, file in zip(shards, names, strict=True):
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total},
+             "weight_map": {name: file for shard, file in zip(shards, names, strict=True) for name in shard}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return [*names, "model.safetensors.index.json"]
+
+
+def export_hf(cfg: Config, run_url: str, out_dir: str, step: int | None = None, use_ema: bool = False, *,
+              s3: S3Config | None = None, dtype: str = "fp32", lossy: bool = False, force: bool = False,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write the checkpoint as an HF model directory that `from_pretrained` loads as the same model: weights,
+    config.json, generation_config.json and the tokenizer files. Written aside and moved into place, so a
+    failed export leaves `out_dir` as it was; an existing non-empty `out_dir` is replaced only with `force`."""
+    from raytrainer.data.tokenizers import load_tokenizer
+    from raytrainer.hf.tokenizer_files import write_tokenizer
+
+    if dtype not in DTYPES:
+        raise ExportRefused(f"--dtype {dtype}: choose one of {sorted(DTYPES)}")
+    reasons = lossy_features(cfg.model)
+    if reasons and not lossy:
+        raise ExportRefused(f"no Hugging Face architecture computes what this model does: {'; '.join(reasons)}. "
+                            "Exported anyway, it would be a different model; pass --lossy to export it regardless")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ExportRefused(f"{out} exists and is not empty; choose another --out, or pass --force to replace it")
+    model = load_model(cfg, run_url, step, use_ema, s3=s3)
+    torch_dtype, dtype_name = DTYPES[dtype]
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    specials = {role.removesuffix("_id"): token_id for role, token_id in tokenizer.special_ids().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    aside = out.parent / f".{out.name}.export-{uuid.uuid4().hex[:8]}"
+    aside.mkdir()
+    try:
+        written = write_safetensors(hf_state_dict(model.state_dict(), cfg.model.tie_embeddings, torch_dtype),
+                                    aside, max_shard_bytes)
+        (aside / "config.json").write_text(json.dumps(hf_config(cfg.model, dtype_name, specials), indent=2))
+        generation = {"eos_token_id": specials["eos"], "pad_token_id": specials["pad"],
+                      "max_length": cfg.model.max_seq_len, "do_sample": True, "temperature": 0.8}
+        (aside / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        tokenizer_files = write_tokenizer(tokenizer, aside, cfg.model.max_seq_len)
+        if not tokenizer_files:
+            log.warning("export: the %s tokenizer has no Hugging Face form; %s has the model but no tokenizer "
+                        "files", cfg.data.tokenizer, out)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(aside, out)
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    if reasons:
+        log.warning("export: %s is NOT the trained model (--lossy): %s", out, "; ".join(reasons))
+    log.info("exported %s as %s (%s) to %s: %s", run_url, hf_architecture(cfg.model)[0], dtype, out,
+             ", ".join([*written, "config.json", "generation_config.json", *tokenizer_files]))
     return out
 
 
-@torch.no_grad()
-def generate(cfg: Config, run_url: str, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
-             step: int | None = None, seed: int = 0) -> str:
+def generate(cfg: Config, run_url: str, prompts: list[str], sampling: Sampling | None = None,
+             step: int | None = None, s3: S3Config | None = None, use_ema: bool = False) -> list[str]:
+    """Each prompt followed by what the checkpoint's model writes after it (raytrainer.sampling)."""
     from raytrainer.data.tokenizers import load_tokenizer
+    from raytrainer.sampling import sample
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    model = load_model(cfg, run_url, step)
-    torch.manual_seed(seed)
-    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -cfg.model.max_seq_len:]).logits[:, -1, :]
-        if temperature <= 0:
-            next_id = logits.argmax(-1, keepdim=True)
-        else:
-            next_id = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
-        ids = torch.cat([ids, next_id], dim=1)
-        if next_id.item() == tokenizer.eos_id:
-            break
-    return tokenizer.decode(ids[0].tolist())
+    model = load_model(cfg, run_url, step, use_ema, s3=s3)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    new = sample(model, encoded, sampling or Sampling(), tokenizer.eos_id, tokenizer.pad_id)
+    return [tokenizer.decode(prompt + tokens) for prompt, tokens in zip(encoded, new, strict=True)]

@@ -93,6 +93,46 @@ def test_hf_tokenizer_json_reuses_and_appends_specials(tmp_path):
     assert load_tokenizer(str(tmp_path)).identity() == tok.identity()  # a directory holding tokenizer.json
 
 
+def llama3_format_tokenizer(path, base: int = 128_000, specials: int = 256) -> str:
+    """A tokenizer.json shaped like Llama 3's: a byte-level BPE of `base` tokens, then `specials` special tokens
+    (<|begin_of_text|>, <|end_of_text|>, and <|reserved_special_token_N|> for the rest): 128,256 in all."""
+    from tokenizers import AddedToken
+
+    from raytrainer.hf.tokenizer_files import byte_level_bytes_to_unicode
+
+    vocab = {char: i for i, char in enumerate(byte_level_bytes_to_unicode().values())}
+    vocab.update({f"tok{i}": i for i in range(len(vocab), base)})
+    tok = HFTok(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    names = ["<|begin_of_text|>", "<|end_of_text|>", *(f"<|reserved_special_token_{n}|>" for n in range(specials - 2))]
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in names])
+    tok.save(str(path))
+    return str(path)
+
+
+def test_a_llama3_format_tokenizer_keeps_its_published_vocab_and_fits_the_llama_presets(tmp_path):
+    from raytrainer.cli import main as cli
+    from raytrainer.config import load_config
+    from raytrainer.data.validate import validate_data_config
+
+    path = llama3_format_tokenizer(tmp_path / "tokenizer.json")
+    tok = load_tokenizer(path)
+    raw = HFTok.from_file(path)
+    assert tok.vocab_size == 128_256  # nothing appended
+    assert tok.eos_id == raw.token_to_id("<|end_of_text|>")
+    assert [tok.pad_id, tok.fim_prefix_id, tok.fim_middle_id, tok.fim_suffix_id, tok.mask_id] == [
+        raw.token_to_id(f"<|reserved_special_token_{n}|>") for n in range(5)]
+    text = tmp_path / "docs.txt"
+    text.write_text("hello world, said the tokenizer\n" * 200)
+    out = tmp_path / "data"
+    assert cli(["prepare", "--input", f"web={text}", "--out", str(out), "--tokenizer", path, "--local"]) == 0
+    for preset in ("llama-1b", "llama-8b"):  # as shipped: model.vocab_size=128256
+        cfg = load_config(preset, [f"data.path={out}", f"data.tokenizer={path}"])
+        assert cfg.model.vocab_size == 128_256
+        validate_data_config(cfg.data, model_vocab_size=cfg.model.vocab_size)
+
+
 def test_hf_identity_hash_follows_the_file(tmp_path):
     a = load_tokenizer(_train_hf(tmp_path / "a.json", ["</s>"]))
     b = load_tokenizer(_train_hf(tmp_path / "b.json", ["</s>", "<mask>"]))

@@ -6,8 +6,10 @@
     tok = load_tokenizer("path/to/x.tiktoken")     # a tiktoken BPE file (needs `pip install tiktoken`)
 
 Every tokenizer has eos_id, pad_id, fim_prefix_id, fim_middle_id, fim_suffix_id and mask_id, all distinct.
-A vocabulary that already has one of these tokens (e.g. GPT-2's <|endoftext|>) keeps its id; the others
-are appended above the base vocabulary, and vocab_size counts them.
+A vocabulary that already has one of these tokens (e.g. GPT-2's <|endoftext|>) keeps its id. The others take
+the vocabulary's reserved special tokens when it has them (Llama 3's <|reserved_special_token_N|>, lowest N
+first), so the vocabulary stays as published; failing that they are appended above it, and vocab_size counts
+them.
 
 Special tokens are never produced from text: a document that contains the string "<|endoftext|>" is
 encoded as ordinary text, so training data cannot inject control tokens.
@@ -19,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
@@ -149,10 +152,13 @@ class HFTokenizer(Tokenizer):
         self._hash = content_hash
         self._tok = tok
         vocab = tok.get_vocab(with_added_tokens=True)
+        reserved = reserved_special_ids(tok)
         for role in SPECIAL_ROLES:
             found = next((vocab[n] for n in KNOWN_NAMES[role] if n in vocab), None)
             taken = {getattr(self, f"{r}_id", None) for r in SPECIAL_ROLES}
             if found is None or found in taken:
+                found = next((i for i in reserved if i not in taken), None)
+            if found is None:
                 new = APPENDED_NAMES[role]
                 if new in vocab and vocab[new] not in taken:
                     found = vocab[new]
@@ -174,6 +180,19 @@ class HFTokenizer(Tokenizer):
 
     def _content_hash(self) -> str:
         return self._hash
+
+
+RESERVED_SPECIAL = re.compile(r"^<\|reserved_special_token_(\d+)\|>$")
+
+
+def reserved_special_ids(tok: Any) -> list[int]:
+    """Ids of the tokenizer's reserved special tokens (Llama 3's <|reserved_special_token_N|>), by N."""
+    found = []
+    for token_id, added in tok.get_added_tokens_decoder().items():
+        match = RESERVED_SPECIAL.match(added.content)
+        if match and added.special:
+            found.append((int(match.group(1)), token_id))
+    return [token_id for _, token_id in sorted(found)]
 
 
 def _gpt2_files() -> tuple[Path, Path]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from raytrainer.config import ModelConfig
 from raytrainer.model.attention import AttentionMask, attention, build_mask
+from raytrainer.model.kv_cache import KVCache, LayerCache
 from raytrainer.model.loss import compute_loss
 from raytrainer.model.rope import RotaryEmbedding, apply_rope
 
@@ -60,8 +61,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = 1.0 / cfg.head_dim if cfg.mup_base_d_model else 1.0 / math.sqrt(cfg.head_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask,
+                cache: LayerCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -69,7 +70,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale, mask=mask)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:  # generation: attend to every position so far
+            k, v = cache.store(k, v)
+        y = attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -92,9 +96,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
-                ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -165,16 +169,28 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         loss_normalizer: float | None = None,
+        cache: KVCache | None = None,
+        valid: torch.Tensor | None = None,
     ) -> ModelOutput:
+        """`cache` (generation): the new positions attend to every cached one too, and are added to it;
+        `valid` [B, T] marks left padding (False) among the new positions."""
         B, T = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            start = 0 if cache is None else cache.length
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         cos, sin = self.rotary_emb(position_ids)
-        mask = build_mask(doc_ids, self.cfg.attention, input_ids.device)  # once, shared by every layer
+        if cache is None:
+            mask = build_mask(doc_ids, self.cfg.attention, input_ids.device)  # once, shared by every layer
+        else:
+            if valid is None:
+                valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+            mask = AttentionMask("sdpa", dense=cache.begin(valid))
 
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask) if cache is None else layer(x, cos, sin, mask, cache.layers[i])
+        if cache is not None:
+            cache.end(T)
         logits = self.output_logits(self.norm(x))
         if labels is None:
             return ModelOutput(logits)

@@ -47,6 +47,8 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every strategy
     model = Transformer(cfg.model)
+    if cfg.model.init_from is not None:
+        start_from_hf(cfg, env, model, store)
     strategy = build_strategy(cfg, model, env.rank, env.world_size, device)
     engine = StepEngine(strategy.model, cfg, strategy)
     checkpoints = CheckpointManager(cfg, env, store=store)
@@ -81,6 +83,18 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
         recorder=recorder,
         validation=validation,
     )
+
+
+def start_from_hf(cfg: Config, env: WorkerEnv, model: torch.nn.Module, store=None) -> None:
+    """A fresh run takes model.init_from's weights (every rank reads them); a run with a checkpoint to resume
+    from loads that instead, so the import is skipped."""
+    from raytrainer.hf.weights import load_hf_weights
+
+    if (store or run_store(cfg)).latest_complete() is not None:
+        return
+    load_hf_weights(model, cfg.model, cfg.model.init_from)
+    if env.rank == 0:
+        log.info("starting from the weights of %s (model.init_from; the optimizer starts fresh)", cfg.model.init_from)
 
 
 def quiet_worker_logs(verbose: bool) -> None:
