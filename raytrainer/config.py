@@ -136,6 +136,7 @@ class ModelConfig(Section):
     mtp_weight: float = Field(0.3, ge=0)
     attention: Literal["auto", "sdpa", "flex", "flash"] = "auto"
     loss: LossConfig = LossConfig()
+    bidirectional: bool = False  # every token attends to its whole document: data.objective=mlm, and only it
     # hf:<dir>: a fresh run starts from these Llama/Qwen3 safetensors (weights only; a resume ignores it)
     init_from: str | None = Field(None, pattern=r"^hf:.+")
 
@@ -495,6 +496,16 @@ class Config(Section):
         for f in self.faults:
             if f.step >= t.steps:
                 raise ValueError(f"faults: injection at step {f.step} is past train.steps={t.steps}")
+        mlm = self.data.objective == "mlm"
+        if mlm != self.model.bidirectional:
+            raise ValueError(
+                "data.objective=mlm needs model.bidirectional=true (a causal model would predict a masked token "
+                "from its left context only)" if mlm else
+                f"model.bidirectional=true lets every token see the tokens after it, so only data.objective=mlm "
+                f"can train it (data.objective={self.data.objective})")
+        if mlm and self.model.mtp_heads:
+            raise ValueError(f"model.mtp_heads={self.model.mtp_heads} predicts the tokens after the next one, which "
+                             "a bidirectional (data.objective=mlm) model already sees; set model.mtp_heads=0")
         return self
 
 

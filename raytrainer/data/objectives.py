@@ -128,7 +128,8 @@ class Objective:
         """In place. `row` is the row's index in the global batch; `real` marks non-padding positions."""
         if self.name != "mlm":
             return
-        rng = np.random.default_rng([self.seed & _MASK64, batch, row, _SALT_MLM])
+        # Validation batches are numbered -1, -2, ...: two's complement keeps them apart from training's.
+        rng = np.random.default_rng([self.seed & _MASK64, batch & _MASK64, row, _SALT_MLM])
         n = len(input_ids)
         selected = (rng.random(n) < self.mlm_probability) & real & (input_ids != self.eos_id)
         how = rng.random(n)

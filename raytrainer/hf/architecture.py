@@ -5,8 +5,8 @@ an export is a rename plus a config:
 - a plain model is `LlamaForCausalLM`;
 - per-head QK-norm (an RMSNorm over head_dim on q and k, before RoPE) is exactly Qwen3's q_norm/k_norm, so a
   model with it is `Qwen3ForCausalLM`.
-Features that neither has (tanh soft-capping of the logits, muP's attention scale and multipliers) change
-the function: exporting them is refused unless the caller accepts a different model. Multi-token
+Features that neither has (bidirectional attention, tanh soft-capping of the logits, muP's attention scale
+and multipliers) change the function: exporting them is refused unless the caller accepts a different model. Multi-token
 prediction heads are extra outputs beside an unchanged next-token model, and are left out.
 """
 
@@ -24,6 +24,9 @@ class ExportRefused(ConfigError):
 def lossy_features(cfg: ModelConfig) -> list[str]:
     """Why an export of this model would compute something else, one reason per feature ([] when exact)."""
     reasons = []
+    if cfg.bidirectional:
+        reasons.append("model.bidirectional=true (each token sees its whole document; HF causal LMs see only "
+                       "the tokens before it)")
     if cfg.logit_softcap is not None:
         reasons.append(f"model.logit_softcap={cfg.logit_softcap:g} (tanh soft-capping of the logits)")
     if cfg.mup_base_d_model is not None:

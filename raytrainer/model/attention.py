@@ -30,6 +30,7 @@ class AttentionMask:
     """What one backend needs to apply document masking, built once per batch."""
 
     backend: str  # resolved: sdpa | flex | flash
+    causal: bool = True  # False: bidirectional within each document (masked language modelling)
     dense: torch.Tensor | None = None  # sdpa: [B, 1, T, T] bool, True = may attend
     block_mask: Any = None  # flex: torch.nn.attention.flex_attention.BlockMask
     cu_seqlens: torch.Tensor | None = None  # flash: int32 [num_docs + 1] offsets into the flattened rows
@@ -62,39 +63,43 @@ def resolve_backend(backend: str, device: torch.device, has_documents: bool) -> 
     return backend
 
 
-def build_mask(doc_ids: torch.Tensor | None, backend: str = "auto", device: torch.device | None = None
-               ) -> AttentionMask:
-    """The document mask for `attention`; doc_ids [B, T] int or None (plain causal)."""
+def build_mask(doc_ids: torch.Tensor | None, backend: str = "auto", device: torch.device | None = None,
+               causal: bool = True) -> AttentionMask:
+    """The document mask for `attention`; doc_ids [B, T] int or None (one document per row). `causal=False`:
+    each token sees its whole document."""
     device = device or (doc_ids.device if doc_ids is not None else torch.device("cpu"))
     backend = resolve_backend(backend, device, doc_ids is not None)
     if doc_ids is None:
-        return AttentionMask(backend)  # plain causal: each backend has a built-in flag or a cached mask
+        return AttentionMask(backend, causal)  # each backend has a built-in flag or a cached mask
     doc_ids = doc_ids.to(device)
     B, T = doc_ids.shape
     if backend == "sdpa":
-        return AttentionMask(backend, dense=dense_document_mask(doc_ids))
+        return AttentionMask(backend, causal, dense=dense_document_mask(doc_ids, causal))
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
-        block_mask = create_block_mask(document_mask_mod(doc_ids), B, None, T, T, device=device,
+        block_mask = create_block_mask(document_mask_mod(doc_ids, causal), B, None, T, T, device=device,
                                        _compile=device.type == "cuda")
-        return AttentionMask(backend, block_mask=block_mask)
+        return AttentionMask(backend, causal, block_mask=block_mask)
     cu_seqlens, max_seqlen = varlen_offsets(doc_ids)
-    return AttentionMask(backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return AttentionMask(backend, causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
-def dense_document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[B, 1, T, T] bool: causal and same document."""
-    T = doc_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+def dense_document_mask(doc_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """[B, 1, T, T] bool: same document (and, if causal, not after the query)."""
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    if causal:
+        T = doc_ids.shape[1]
+        same = same & torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return same[:, None]
 
 
-def document_mask_mod(doc_ids: torch.Tensor):
-    """FlexAttention mask_mod: causal and same document."""
+def document_mask_mod(doc_ids: torch.Tensor, causal: bool = True):
+    """FlexAttention mask_mod: same document (and, if causal, not after the query)."""
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        same = doc_ids[b, q_idx] == doc_ids[b, kv_idx]
+        return (q_idx >= kv_idx) & same if causal else same
 
     return mask_mod
 
@@ -131,11 +136,11 @@ def attention(
         return _flash_attention(q, k, v, mask, scale)
     if mask.backend == "flex":
         block_mask = mask.block_mask
-        if block_mask is None:
+        if block_mask is None and mask.causal:
             block_mask = _causal_block_mask(q.shape[2], q.device)
         return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     if mask.dense is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, scale=scale, enable_gqa=gqa)
 
 
@@ -172,9 +177,9 @@ def _flash_attention(q, k, v, mask: AttentionMask, scale: float | None) -> torch
     B, H, T, D = q.shape
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # flash-attn wants [B, T, heads, D]
     if mask.cu_seqlens is None:
-        out = flash_attn_func(q, k, v, softmax_scale=scale, causal=True)
+        out = flash_attn_func(q, k, v, softmax_scale=scale, causal=mask.causal)
     else:
         q, k, v = (x.reshape(B * T, x.shape[2], D) for x in (q, k, v))
         out = flash_attn_varlen_func(q, k, v, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen,
-                                     mask.max_seqlen, softmax_scale=scale, causal=True)
+                                     mask.max_seqlen, softmax_scale=scale, causal=mask.causal)
     return out.view(B, T, H, D).transpose(1, 2)

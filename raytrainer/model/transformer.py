@@ -180,8 +180,12 @@ class Transformer(nn.Module):
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         cos, sin = self.rotary_emb(position_ids)
         if cache is None:
-            mask = build_mask(doc_ids, self.cfg.attention, input_ids.device)  # once, shared by every layer
+            # once, shared by every layer
+            mask = build_mask(doc_ids, self.cfg.attention, input_ids.device, causal=not self.cfg.bidirectional)
         else:
+            if self.cfg.bidirectional:
+                raise ValueError("model.bidirectional=true (masked language modelling): there is no next token to "
+                                 "generate")
             if valid is None:
                 valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
             mask = AttentionMask("sdpa", dense=cache.begin(valid))
