@@ -111,6 +111,7 @@ def config(seq_len: int = 64, global_batch_tokens: int = 64 * 8, micro_batch_siz
     lens = [seq_len] + [p.seq_len for p in (phases or []) if p.seq_len]
     return Config.model_validate({
         "train": train.model_dump(), "data": data_cfg.model_dump(),
-        "model": {"max_seq_len": max(lens), "vocab_size": 320},
+        "model": {"max_seq_len": max(lens), "vocab_size": 320, "bidirectional": data.get("objective") == "mlm",
+                  "mtp_heads": 0},
         "parallel": {"max_workers": max_workers},
     })
