@@ -19,8 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from raytrainer.config import ConfigError, load_config  # noqa: E402
 
-GUARDIAN_ABORT_EXIT_CODE = 3
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,31 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from raytrainer.fault.guardian import GuardianAbort
-    from raytrainer.launch import run
+    from raytrainer.launch import run_job
 
-    try:
-        result = run(cfg)
-    except ConfigError as e:
-        _last_words(f"error: {e}")
-        return 2
-    except GuardianAbort as e:
-        _last_words(str(e))
-        return GUARDIAN_ABORT_EXIT_CODE
-    m = result["metrics"]
-    print(f"done: {result['run']} at step {result['step']}, loss {m.get('loss', float('nan')):.4f}; "
-          f"checkpoint {result['checkpoint']}")
-    return 0
-
-
-def _last_words(text: str) -> None:
-    """Print `text` as the job's last output: Ray stops streaming worker logs to this process first."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    sys.stdout.flush()
-    print(text, file=sys.stderr, flush=True)
+    return run_job(cfg)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,16 @@ class LossConfig(Section):
     z_loss_weight: float = Field(0.0, ge=0.0)  # PaLM's z-loss: weight * logsumexp(logits)^2
 
 
+class LoraConfig(Section):
+    """Low-rank adapters on a frozen model (raytrainer.model.lora)."""
+
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / rank
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+
 class ModelConfig(Section):
     vocab_size: int = Field(50304, gt=0)
     d_model: int = Field(768, gt=0)
@@ -137,8 +147,10 @@ class ModelConfig(Section):
     attention: Literal["auto", "sdpa", "flex", "flash"] = "auto"
     loss: LossConfig = LossConfig()
     bidirectional: bool = False  # every token attends to its whole document: data.objective=mlm, and only it
-    # hf:<dir>: a fresh run starts from these Llama/Qwen3 safetensors (weights only; a resume ignores it)
-    init_from: str | None = Field(None, pattern=r"^hf:.+")
+    # A fresh run starts from these weights (a resume loads its own checkpoint instead): hf:<dir> (Llama/Qwen3
+    # safetensors) or run:<checkpoint.storage>/<run name>[@step] (another run's checkpoint, weights only)
+    init_from: str | None = Field(None, pattern=r"^(hf|run):.+")
+    lora: LoraConfig | None = None  # train low-rank adapters on a frozen model (usually with init_from)
 
     @property
     def kv_heads(self) -> int:

@@ -70,6 +70,10 @@ def load_model(cfg: Config, run_url: str, step: int | None = None, use_ema: bool
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {run_url}")
     model = Transformer(cfg.model)
+    if cfg.model.lora is not None:  # the checkpoint holds the adapters beside the frozen weights
+        from raytrainer.model.lora import apply_lora
+
+        apply_lora(model, cfg.model.lora)
     with tempfile.TemporaryDirectory() as tmp:
         loaded = store.download(step, tmp)
         state = load_full_state_dict(cfg, model, Path(loaded.local_dir) / MODEL_DIR, use_ema=use_ema)
@@ -124,6 +128,10 @@ def export_hf(cfg: Config, run_url: str, out_dir: str, step: int | None = None, 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ExportRefused(f"{out} exists and is not empty; choose another --out, or pass --force to replace it")
     model = load_model(cfg, run_url, step, use_ema, s3=s3)
+    if cfg.model.lora is not None:
+        from raytrainer.model.lora import merge_lora
+
+        merge_lora(model)  # the adapters folded into the weights: the adapted model under the base names
     torch_dtype, dtype_name = DTYPES[dtype]
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     specials = {role.removesuffix("_id"): token_id for role, token_id in tokenizer.special_ids().items()}

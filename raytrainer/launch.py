@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 from pydantic import SecretStr
@@ -295,3 +296,35 @@ def summarize(cfg: Config) -> dict:
     state = store.read_json(step, "trainer_state.json") if step is not None else {}
     return {"run": cfg.run.name, "checkpoint": store.step_url(step) if step is not None else None,
             "step": step, "metrics": state.get("metrics", {})}
+
+
+GUARDIAN_ABORT_EXIT_CODE = 3
+
+
+def run_job(cfg: Config) -> int:
+    """`run` as a job's main: exit status 0 when done, 2 for a configuration problem (a resubmitted run its
+    guardian aborted among them), 3 when the guardian aborted the run (its incident report printed last)."""
+    from raytrainer.fault.guardian import GuardianAbort
+
+    try:
+        result = run(cfg)
+    except ConfigError as e:
+        last_words(f"error: {e}")
+        return 2
+    except GuardianAbort as e:
+        last_words(str(e))
+        return GUARDIAN_ABORT_EXIT_CODE
+    m = result["metrics"]
+    print(f"done: {result['run']} at step {result['step']}, loss {m.get('loss', float('nan')):.4f}; "
+          f"checkpoint {result['checkpoint']}")
+    return 0
+
+
+def last_words(text: str) -> None:
+    """Print `text` as the job's last output: Ray stops streaming worker logs to this process first."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    print(text, file=sys.stderr, flush=True)

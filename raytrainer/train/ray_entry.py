@@ -47,8 +47,14 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every strategy
     model = Transformer(cfg.model)
-    if cfg.model.init_from is not None:
-        start_from_hf(cfg, env, model, store)
+    if cfg.model.init_from is not None and (store or run_store(cfg)).latest_complete() is None:
+        from raytrainer.warm_start import warm_start
+
+        warm_start(cfg, model, env.rank)  # a run with a checkpoint of its own resumes from that instead
+    if cfg.model.lora is not None:
+        from raytrainer.warm_start import add_adapters
+
+        add_adapters(cfg, model, env.rank)
     strategy = build_strategy(cfg, model, env.rank, env.world_size, device)
     engine = StepEngine(strategy.model, cfg, strategy)
     checkpoints = CheckpointManager(cfg, env, store=store)
@@ -83,18 +89,6 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
         recorder=recorder,
         validation=validation,
     )
-
-
-def start_from_hf(cfg: Config, env: WorkerEnv, model: torch.nn.Module, store=None) -> None:
-    """A fresh run takes model.init_from's weights (every rank reads them); a run with a checkpoint to resume
-    from loads that instead, so the import is skipped."""
-    from raytrainer.hf.weights import load_hf_weights
-
-    if (store or run_store(cfg)).latest_complete() is not None:
-        return
-    load_hf_weights(model, cfg.model, cfg.model.init_from)
-    if env.rank == 0:
-        log.info("starting from the weights of %s (model.init_from; the optimizer starts fresh)", cfg.model.init_from)
 
 
 def quiet_worker_logs(verbose: bool) -> None:
