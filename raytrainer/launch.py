@@ -90,6 +90,10 @@ def absolute_local_paths(cfg: Config) -> Config:
         updates["data"] = data.model_copy(update={"val_path": os.path.abspath(cfg.data.val_path)})
     if is_local(cfg.checkpoint.storage):
         updates["checkpoint"] = cfg.checkpoint.model_copy(update={"storage": os.path.abspath(cfg.checkpoint.storage)})
+    if cfg.model.init_from is not None:  # hf:<dir> or run:<storage>/<run>[@step]
+        scheme, where = cfg.model.init_from.split(":", 1)
+        if is_local(where):
+            updates["model"] = cfg.model.model_copy(update={"init_from": f"{scheme}:{os.path.abspath(where)}"})
     return cfg.model_copy(update=updates)
 
 

@@ -144,3 +144,15 @@ def test_sft_with_lora_learns_responses_only_changes_only_adapters_and_exports_m
     x = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, adapted(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_relative_init_from_reaches_the_workers_as_an_absolute_path(tmp_path, monkeypatch):
+    import os
+
+    from raytrainer.launch import absolute_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", ["model.init_from=run:runs/tiny@100"])
+    assert absolute_local_paths(cfg).model.init_from == f"run:{os.path.join(str(tmp_path), 'runs/tiny')}@100"
+    cfg = load_config("tiny", ["model.init_from=hf:s3-free/dir"])
+    assert absolute_local_paths(cfg).model.init_from == f"hf:{tmp_path}/s3-free/dir"
