@@ -77,10 +77,10 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 
 
 def _room(model, prompts: list[list[int]], s: Sampling) -> int:
-    longest = max(len(p) for p in prompts)
-    limit = model.cfg.max_seq_len
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    limit = model.cfg.max_seq_len
     if longest >= limit:
         raise ValueError(f"a prompt of {longest} tokens leaves no room under model.max_seq_len={limit}")
     return min(s.max_new_tokens, limit - longest)

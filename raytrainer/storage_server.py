@@ -65,7 +65,7 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def _port_open(host: str, port: int) -> bool:
+def port_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
@@ -146,7 +146,7 @@ class LocalS3Server:
         """Start (or restart, on the same ports and data) and wait until S3 answers for the bucket."""
         if self.running:
             return self
-        busy = [f"{flag}={port}" for flag, port in self.ports.items() if _port_open(self.host, port)]
+        busy = [f"{flag}={port}" for flag, port in self.ports.items() if port_open(self.host, port)]
         if busy:
             raise StorageServerError(f"cannot start SeaweedFS: ports already in use on {self.host}: {busy}")
         (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,7 @@ class LocalS3Server:
             if self._proc is not None and self._proc.poll() is not None:
                 code = self._proc.returncode
                 raise StorageServerError(f"SeaweedFS exited with code {code}\n{self.log_tail()}")
-            if _port_open(self.host, self.ports["s3.port"]):
+            if port_open(self.host, self.ports["s3.port"]):
                 try:
                     # A round trip through S3 -> filer -> volume, not just an open port.
                     probe = f"{self.bucket}/.ready-probe"

@@ -37,6 +37,22 @@ def split_source(init_from: str) -> tuple[str, int | None]:
     return url, None
 
 
+def state_mismatches(expected: dict[str, torch.Size], found: dict[str, torch.Size]) -> list[str]:
+    """What keeps `found` tensors from filling a model that expects `expected` (name -> shape): missing,
+    unexpected and misshapen names, a few of each ([] when they fit)."""
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k} {list(found[k])} (expected {list(expected[k])})" for k in sorted(set(expected) & set(found))
+              if found[k] != expected[k]]
+    problems = [f"missing {few(missing)}"] if missing else []
+    problems += [f"unexpected {few(unexpected)}"] if unexpected else []
+    problems += [f"wrong shape: {'; '.join(shapes[:5])}"] if shapes else []
+    return problems
+
+
 @torch.no_grad()
 def load_run_weights(model: torch.nn.Module, cfg: Config, init_from: str) -> int:
     """Copy another run's checkpointed weights into `model`; returns the step they are from."""
@@ -46,16 +62,10 @@ def load_run_weights(model: torch.nn.Module, cfg: Config, init_from: str) -> int
     source_cfg, step = run_config(url, step, s3=cfg.checkpoint.s3)
     source = load_model(source_cfg, url, step, s3=cfg.checkpoint.s3).state_dict()
     ours = model.state_dict()
-    missing = sorted(set(ours) - set(source))
-    unexpected = sorted(set(source) - set(ours))
-    shapes = [f"{k} {list(source[k].shape)} (ours {list(ours[k].shape)})" for k in sorted(set(ours) & set(source))
-              if source[k].shape != ours[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"missing {', '.join(missing[:5])}"] if missing else []
-        parts += [f"not in the configured model: {', '.join(unexpected[:5])}"] if unexpected else []
-        parts += [f"wrong shape: {'; '.join(shapes[:5])}"] if shapes else []
+    problems = state_mismatches({k: v.shape for k, v in ours.items()}, {k: v.shape for k, v in source.items()})
+    if problems:
         raise WarmStartRefused(f"model.init_from={init_from}: step {step} does not fit the configured model: "
-                               f"{' | '.join(parts)} (the source run has model.d_model={source_cfg.model.d_model}, "
+                               f"{' | '.join(problems)} (the source run has model.d_model={source_cfg.model.d_model}, "
                                f"n_layers={source_cfg.model.n_layers}, vocab_size={source_cfg.model.vocab_size})")
     for name, tensor in source.items():
         ours[name].copy_(tensor)

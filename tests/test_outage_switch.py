@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from raytrainer.fault.outage import S3OutageSwitch, _accepts
+from raytrainer.fault.outage import S3OutageSwitch
 from raytrainer.storage import open_storage
+from raytrainer.storage_server import port_open
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def test_an_outage_returns_once_s3_refuses_and_the_server_comes_back_with_its_da
         t0 = time.monotonic()
         switch.outage(39)
         assert time.monotonic() - t0 < 3  # not the 8 s the stop takes
-        assert not _accepts(server.host, server.ports["s3.port"])
+        assert not port_open(server.host, server.ports["s3.port"])
         deadline = time.monotonic() + 90
         while not server.running and time.monotonic() < deadline:
             time.sleep(0.2)

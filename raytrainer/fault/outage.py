@@ -7,12 +7,13 @@ for a while when a worker's `s3_outage` fault fires (raytrainer.train.ray_entry 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from raytrainer.storage_server import port_open
 
 
 def actor_name(run_name: str) -> str:
@@ -47,7 +48,7 @@ class S3OutageSwitch:
         self._cycle.start()
         host, port = self.server.host, self.server.ports["s3.port"]
         deadline = time.monotonic() + REFUSE_WAIT_S
-        while time.monotonic() < deadline and _accepts(host, port):
+        while time.monotonic() < deadline and port_open(host, port):
             time.sleep(0.05)
 
     def _down_and_up(self, began: float) -> None:
@@ -69,14 +70,6 @@ class S3OutageSwitch:
 
 
 REFUSE_WAIT_S = 5.0
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def start_outage_switch(run_name: str, data_dir: str, seconds: float = 10.0) -> Any:

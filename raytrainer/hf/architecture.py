@@ -6,8 +6,9 @@ an export is a rename plus a config:
 - per-head QK-norm (an RMSNorm over head_dim on q and k, before RoPE) is exactly Qwen3's q_norm/k_norm, so a
   model with it is `Qwen3ForCausalLM`.
 Features that neither has (bidirectional attention, tanh soft-capping of the logits, muP's attention scale
-and multipliers) change the function: exporting them is refused unless the caller accepts a different model. Multi-token
-prediction heads are extra outputs beside an unchanged next-token model, and are left out.
+and multipliers) change the function: exporting them is refused unless the caller accepts a different
+model. Multi-token prediction heads are extra outputs beside an unchanged next-token model, and are left
+out.
 """
 
 from __future__ import annotations
@@ -81,13 +82,19 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32", special_ids: dict[str, i
     return out
 
 
+def hf_name(name: str) -> str:
+    """Our parameter name as HF spells it: the trunk under `model.`, the output head as it is."""
+    return name if name.startswith("lm_head") else f"model.{name}"
+
+
+def exported_names(names: list[str], tie_embeddings: bool) -> dict[str, str]:
+    """HF name -> ours, for the parameters an export writes: MTP heads and a tied lm_head left out."""
+    return {hf_name(n): n for n in names
+            if not n.startswith("mtp.") and not (tie_embeddings and n == "lm_head.weight")}
+
+
 def hf_state_dict(state: dict[str, torch.Tensor], tie_embeddings: bool,
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Our state dict under HF names, in `dtype`; MTP heads and a tied lm_head left out."""
-    out = {}
-    for name, tensor in state.items():
-        if name.startswith("mtp.") or (tie_embeddings and name == "lm_head.weight"):
-            continue
-        hf_name = name if name.startswith("lm_head") else f"model.{name}"
-        out[hf_name] = tensor.detach().to(dtype).contiguous().clone()
-    return out
+    return {theirs: state[ours].detach().to(dtype).contiguous().clone()
+            for theirs, ours in exported_names(list(state), tie_embeddings).items()}

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from raytrainer.config import ConfigError, ModelConfig
-from raytrainer.hf.architecture import hf_architecture, hf_state_dict, lossy_features
+from raytrainer.hf.architecture import exported_names, hf_architecture, lossy_features
+from raytrainer.warm_start import state_mismatches
 
 HF_PREFIX = "hf:"
 
@@ -110,20 +111,11 @@ def load_hf_weights(model: torch.nn.Module, cfg: ModelConfig, init_from: str) ->
     check_hf_config(cfg, directory)
     theirs = read_safetensors(directory)
     ours = model.state_dict()
-    wanted = hf_state_dict({k: v for k, v in ours.items()}, cfg.tie_embeddings)  # HF names, our shapes
-    missing = sorted(set(wanted) - set(theirs))
-    unexpected = sorted(k for k in set(theirs) - set(wanted) if not k.endswith("rotary_emb.inv_freq"))
-    shapes = [f"{k} {list(theirs[k].shape)} (expected {list(wanted[k].shape)})" for k in sorted(wanted)
-              if k in theirs and theirs[k].shape != wanted[k].shape]
-    problems = ([f"missing {', '.join(missing[:5])}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")]
-                if missing else [])
-    problems += [f"unexpected {', '.join(unexpected[:5])}" + (f" and {len(unexpected) - 5} more"
-                                                              if len(unexpected) > 5 else "")] if unexpected else []
-    problems += [f"wrong shape: {'; '.join(shapes[:5])}"] if shapes else []
+    names = exported_names(list(ours), cfg.tie_embeddings)  # HF name -> ours
+    problems = state_mismatches({h: ours[n].shape for h, n in names.items()},
+                                {k: v.shape for k, v in theirs.items() if not k.endswith("rotary_emb.inv_freq")})
     if problems:
         raise ImportRefused(f"model.init_from: the tensors in {directory} do not fit the configured model: "
                             f"{' | '.join(problems)}")
-    by_hf_name = {(name if name.startswith("lm_head") else f"model.{name}"): name for name in ours}
-    for hf_name, tensor in theirs.items():
-        if hf_name in by_hf_name:
-            ours[by_hf_name[hf_name]].copy_(tensor.to(ours[by_hf_name[hf_name]].dtype))
+    for name, ours_name in names.items():
+        ours[ours_name].copy_(theirs[name].to(ours[ours_name].dtype))
