@@ -224,6 +224,32 @@ def score_reported_shape(data: dict, at: int = 60) -> list[dict]:
     return rows
 
 
+def score_early_doublings(data: dict, factors: tuple[float, ...] = (2.0, 2.2), upto: int = 60) -> list[dict]:
+    """A poisoned batch early in the run, while the loss still falls fast: each step of each clean curve at
+    the preset rate, from the first one the detectors may judge to `upto`, in turn carries `factor` times
+    its own loss. Caught: the detectors fire at that step. With the micro runs' windows (those of the test
+    suite's soak) and with the preset's."""
+    micro = load_config(data["guardian_preset"], ["guardian.warmup_exempt_steps=5", "guardian.min_window=8",
+                                                  "guardian.window=16"])
+    rows = []
+    for label, cfg in (("test-suite windows", micro), ("preset windows", load_config(data["guardian_preset"]))):
+        curves = [r["curve"] for r in data["runs"].values() if r["lr"] == PRESET_LR and len(r["curve"]) >= upto
+                  and not any(s["doubling"] for s in label_spikes([p["loss"] for p in r["curve"]], 0))]
+        first = max(cfg.guardian.warmup_exempt_steps, cfg.guardian.min_window)
+        for factor in factors:
+            caught = total = 0
+            for curve in curves:
+                for at in range(first, upto):
+                    detectors = Detectors(cfg.guardian)
+                    for p in curve[:at]:
+                        detectors.check(p["step"], p["loss"], p["grad_norm"])
+                    total += 1
+                    caught += bool(detectors.check(at, factor * curve[at]["loss"], curve[at]["grad_norm"]))
+            rows.append({"windows": label, "factor": factor, "steps": f"{first}-{upto - 1}", "curves": len(curves),
+                         "caught": caught, "total": total})
+    return rows
+
+
 def print_table(result: dict) -> None:
     print(f"{'run':<20}{'lr':>8}{'spikes':>8}{'doubling':>10}{'caught':>8}{'findings':>10}{'false':>7}")
     for r in result["runs"]:
@@ -239,6 +265,9 @@ def print_table(result: dict) -> None:
     for r in result["reported_shape"]:
         print(f"reported spike's shape over {r['run']} at step {r['at']}: doubles at {r['doubled_at']}, caught at "
               f"{r['caught_at']} ({r['latency_after_doubling']} steps after the doubling)")
+    for r in result["early_doublings"]:
+        print(f"x{r['factor']:g} laid on each step {r['steps']} of {r['curves']} clean curves ({r['windows']}): "
+              f"caught at {r['caught']} of {r['total']}")
     print(f"doubling spikes caught within {CATCH_WITHIN} steps: {result['caught_within_2']}/"
           f"{result['doubling_spikes']}; false alarms: {result['false_alarms']}; interventions on clean preset "
           f"runs: {result['interventions_on_clean_preset_runs']}")
@@ -268,6 +297,7 @@ def main() -> None:
         CURVES.write_text(json.dumps(data))
     result = score(data)
     result["reported_shape"] = score_reported_shape(data)
+    result["early_doublings"] = score_early_doublings(data)
     (RESULTS / "organic_spikes.json").write_text(json.dumps(result, indent=2))
     print_table(result)
 

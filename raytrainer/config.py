@@ -148,8 +148,11 @@ class ModelConfig(Section):
     loss: LossConfig = LossConfig()
     bidirectional: bool = False  # every token attends to its whole document: data.objective=mlm, and only it
     # A fresh run starts from these weights (a resume loads its own checkpoint instead): hf:<dir> (Llama/Qwen3
-    # safetensors) or run:<checkpoint.storage>/<run name>[@step] (another run's checkpoint, weights only)
+    # safetensors) or run:<checkpoint.storage>/<run name>[@step] (another run's checkpoint)
     init_from: str | None = Field(None, pattern=r"^(hf|run):.+")
+    # What a run: source gives: its weights, or its full state (optimizer, step, tokens seen; the data position
+    # too when the data section is unchanged): continual pretraining, or a WSD stable phase branched into decay
+    init_state: Literal["weights", "full"] = "weights"
     lora: LoraConfig | None = None  # train low-rank adapters on a frozen model (usually with init_from)
 
     @property
@@ -181,6 +184,12 @@ class ModelConfig(Section):
             )
         if self.head_dim % 2:
             raise ValueError(f"head dim d_model/n_heads={self.head_dim} must be even for RoPE")
+        if self.init_state == "full" and not (self.init_from or "").startswith("run:"):
+            raise ValueError(f"model.init_state=full needs model.init_from=run:<storage>/<run>[@step] (now "
+                             f"{self.init_from!r}): only a run's checkpoint has an optimizer and a step to go on from")
+        if self.init_state == "full" and self.lora is not None:
+            raise ValueError("model.init_state=full with model.lora: the source's optimizer holds no adapter state; "
+                             "use model.init_state=weights to put adapters on its weights")
         return self
 
 

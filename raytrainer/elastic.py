@@ -113,6 +113,10 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
         self.lost_nodes: set[str] = set()
         self._looked: tuple[float, frozenset[str], set[str]] | None = None  # (when, asked about, live)
         self._asked: tuple[float, set[str]] | None = None  # (when, the guardian's excluded nodes)
+        # Every node the guardian has excluded, for the rest of the run: also while it cannot be asked (it is
+        # restarting), and also when Ray's reservations for the next group do not list the node at all (then
+        # only the label selector keeps a worker off its free slot).
+        self.excluded: set[str] = set()
 
     def _live(self, node_ids: frozenset[str]) -> set[str]:
         now = time.monotonic()
@@ -129,13 +133,13 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
             log.warning("could not list the cluster's nodes; sizing the worker group from Ray's reservations",
                         exc_info=True)
             return super()._count_possible_workers(reserved_resources)
-        excluded = self.excluded_nodes() & set(reserved_resources)
-        live = live - excluded  # a new set: the liveness cache keeps what the probe found
+        self.excluded |= self.excluded_nodes()
+        live = live - self.excluded  # a new set: the liveness cache keeps what the probe found
         lost = set(reserved_resources) - live
         if lost - self.lost_nodes:
             log.warning("node(s) %s are gone, being drained, or excluded by the guardian; sizing the worker group "
                         "without them", ", ".join(sorted(lost - self.lost_nodes)))
-        self.lost_nodes = lost
+        self.lost_nodes = lost | self.excluded
         return super()._count_possible_workers({n: r for n, r in reserved_resources.items() if n in live})
 
     def excluded_nodes(self) -> set[str]:

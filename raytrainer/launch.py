@@ -205,6 +205,20 @@ def check_not_aborted(cfg: Config) -> str | None:
     )
 
 
+def check_branch(cfg: Config) -> None:
+    """model.init_state=full: a source that cannot be branched from is refused here, before any cluster work
+    (a run with a checkpoint of its own resumes from that, and the source no longer matters)."""
+    if cfg.model.init_state != "full":
+        return
+    from raytrainer.checkpoint import CheckpointStore
+    from raytrainer.warm_start import branch_point
+
+    if CheckpointStore(cfg.checkpoint.storage, cfg.run.name, cfg.checkpoint.s3).latest_complete() is None:
+        _, step, _ = branch_point(cfg)
+        log.info("run %s branches from %s at step %d (model.init_state=full)", cfg.run.name, cfg.model.init_from,
+                 step)
+
+
 def run(cfg: Config) -> dict:
     """Run (or resume) the job described by cfg on the current or a local Ray cluster."""
     from raytrainer.data.validate import validate_data_config
@@ -222,6 +236,7 @@ def run(cfg: Config) -> dict:
     if not cfg.run.resume:
         cfg = fresh_run(cfg)
     aborted = check_not_aborted(cfg)
+    check_branch(cfg)
     run_dir = open_storage(cfg.checkpoint.storage, cfg.checkpoint.s3).child(cfg.run.name)
     write_config(run_dir, to_dict(cfg))
     init_ray(cfg)

@@ -1,11 +1,16 @@
-"""Where a fresh run's weights come from when not from initialisation (`model.init_from`), and LoRA on top.
+"""Where a fresh run starts when not from initialisation (`model.init_from`), and LoRA on top.
 
     hf:<dir>                                Llama / Qwen3 safetensors on disk (raytrainer.hf.weights)
     run:<checkpoint.storage>/<run>[@step]   another run's checkpoint (newest complete one unless @step):
                                             continual pretraining, SFT from a pretrained run, or branching a
                                             WSD stable-phase checkpoint into its decay
-Weights only: the optimizer, schedule, data position and guardian start fresh. A run that has a checkpoint of
-its own resumes from it instead (raytrainer.train.ray_entry decides).
+
+model.init_state=weights (the default): the weights only; optimizer, schedule, data position and guardian start
+fresh. model.init_state=full (run: only): the whole checkpoint is loaded as this run's starting point, through
+the same path as a resume (raytrainer.train.loop.Trainer.restore): model, optimizer and step, so the schedule
+goes on from there under this run's settings (a lower LR, a WSD decay starting at that step); the data
+position is kept when the data section is the source's, and otherwise the new data starts at its beginning.
+The guardian starts fresh. A run that has a checkpoint of its own resumes from it instead.
 """
 
 from __future__ import annotations
@@ -70,6 +75,48 @@ def load_run_weights(model: torch.nn.Module, cfg: Config, init_from: str) -> int
     for name, tensor in source.items():
         ours[name].copy_(tensor)
     return step
+
+
+def branch_point(cfg: Config):
+    """(the source run's CheckpointStore, the step to branch from, the source's config) for
+    model.init_state=full, after checking that the source's model has this run's tensors and that there are
+    steps left to train."""
+    from raytrainer.checkpoint import CheckpointStore
+    from raytrainer.export import run_config
+    from raytrainer.model import Transformer
+    from raytrainer.report import split_run_url
+
+    url, step = split_source(cfg.model.init_from)
+    store = CheckpointStore(*split_run_url(url), cfg.checkpoint.s3)
+    complete = store.steps()
+    if step not in complete if step is not None else not complete:
+        raise WarmStartRefused(f"model.init_from={cfg.model.init_from}: "
+                               f"{'no' if step is None else f'step {step} is not a'} complete checkpoint at {url} "
+                               f"(complete: {complete[-5:]})")
+    source_cfg, step = run_config(url, step, s3=cfg.checkpoint.s3)
+    if step >= cfg.train.steps:
+        raise WarmStartRefused(f"model.init_from={cfg.model.init_from} (model.init_state=full) goes on from step "
+                               f"{step}, but train.steps={cfg.train.steps}: nothing is left to train; raise "
+                               f"train.steps (for a WSD decay: schedule.decay_start={step} and train.steps = "
+                               f"{step} + schedule.decay_steps)")
+    with torch.device("meta"):
+        ours, theirs = Transformer(cfg.model).state_dict(), Transformer(source_cfg.model).state_dict()
+    problems = state_mismatches({k: v.shape for k, v in ours.items()}, {k: v.shape for k, v in theirs.items()})
+    if problems:
+        raise WarmStartRefused(f"model.init_from={cfg.model.init_from}: step {step} does not fit the configured "
+                               f"model: {' | '.join(problems)}")
+    return store, step, source_cfg
+
+
+def same_data(source_cfg: Config, cfg: Config) -> bool:
+    """Whether a branch trains on the source's data as it was (its data position then means the same thing)."""
+    def data(c: Config) -> dict:
+        return {k: v for k, v in c.data.model_dump(mode="json").items() if k != "s3"}
+
+    def plan(c: Config) -> tuple:  # what else the global batch sequence is a function of
+        return c.train.seed, c.train.global_batch_tokens, c.train.seq_len
+
+    return data(source_cfg) == data(cfg) and plan(source_cfg) == plan(cfg)
 
 
 def warm_start(cfg: Config, model: torch.nn.Module, rank: int) -> None:

@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 # Two bursts of NaN losses: the first rolls back (1 of 1 allowed), the second would need another rollback.
-FAULTS = ["faults=[{step: 25, kind: nan_loss}, {step: 26, kind: nan_loss}, {step: 45, kind: nan_loss}, "
-          "{step: 46, kind: nan_loss}]",
+FAULTS = ["faults=[{step: 15, kind: nan_loss}, {step: 16, kind: nan_loss}, {step: 27, kind: nan_loss}, "
+          "{step: 28, kind: nan_loss}]",
           "guardian.skips_before_rollback=1", "guardian.rollback_skip_batches=2", "guardian.max_rollbacks=1",
           "parallel.min_workers=1", "parallel.max_workers=1", "parallel.max_failures=-1"]
 STARTS = re.compile(r"^(starting|resumed) at step (\d+)", re.MULTILINE)  # the driver's view of each start
@@ -50,7 +50,7 @@ def pretrain(cluster, dataset: Path, storage: Path, log: Path, extra: list[str] 
     """jobs/pretrain.py as a user runs it, against the test's cluster; returns its exit status and output."""
     cmd = [sys.executable, str(REPO / "jobs" / "pretrain.py"), "--config", "tiny"]
     for item in [*MICRO, f"data.path={dataset}", f"checkpoint.storage={storage}", "run.name=aborted",
-                 f"run.address={cluster.address}", "train.steps=60", *FAULTS, *extra]:
+                 f"run.address={cluster.address}", "train.steps=35", *FAULTS, *extra]:
         cmd += ["--set", item]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30", PYTHONUNBUFFERED="1")
@@ -68,7 +68,7 @@ def test_an_abort_ends_the_job_and_a_resubmission_needs_to_be_told_how_to_go_on(
     tail = output[-3000:]
     assert code == 3, tail
     aborts = [e for e in read_events(guardian_store) if e["event"] == "abort"]
-    assert len(aborts) == 1 and aborts[0]["step"] > 26, tail
+    assert len(aborts) == 1 and aborts[0]["step"] > 16, tail
     report = aborts[0]["reason"]
     assert "guardian.max_rollbacks=1 rollbacks are used up" in report
     assert output.rstrip().endswith(report), tail  # the incident report is the last thing printed
@@ -89,6 +89,6 @@ def test_an_abort_ends_the_job_and_a_resubmission_needs_to_be_told_how_to_go_on(
                             ["run.resume_after_abort=true", "optim.lr=1e-3"])
     assert code == 0, output[-3000:]
     assert [m.groups() for m in STARTS.finditer(output)] == [("resumed", str(newest))]
-    assert "done: aborted at step 60" in output
+    assert "done: aborted at step 35" in output
     resumed = [e for e in read_events(guardian_store) if e["event"] == "resumed_after_abort"]
     assert len(resumed) == 1 and "optim.lr=0.001" in resumed[0]["reason"]

@@ -42,4 +42,5 @@ def test_the_default_job_prints_at_most_40_lines_all_of_them_ours(tmp_path):
     assert done.stdout.splitlines()[-1].startswith("done: tiny at step 100")  # stderr holds the log lines
     run = tmp_path / "runs" / "tiny"
     assert list((run / "metrics").glob("*.jsonl")) and list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert (run / "report" / "report.html").stat().st_size > 20_000
+    report = run / "report" / "report.html"
+    assert report.exists() and report.stat().st_size > 20_000, "\n".join(lines)

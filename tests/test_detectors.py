@@ -159,3 +159,36 @@ def test_rolling_window_statistics():
         w.add(i, v)
     assert len(w) == 3 and w.mean() == 3.0 and w.std() == 1.0
     assert w.zscore(5.0, min_std=0.0) == 2.0 and w.zscore(5.0, min_std=4.0) == 0.5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_doubling_while_the_loss_still_falls_fast_is_caught_at_the_first_eligible_step(seed):
+    """A fast early fall: the window's median still sits half a window up the slope, so a poisoned batch that
+    doubles the current loss is only ~1.45x that median, under the preset's spike_min_rise. The doubling
+    test measures it against the window's trend carried forward to the step instead."""
+    from raytrainer.config import load_config
+
+    cfg = load_config("tiny", ["guardian.warmup_exempt_steps=5", "guardian.min_window=8",
+                               "guardian.window=16"]).guardian  # the soak's guardian: MICRO's windows
+    t = np.arange(40)
+    level = 3.3 + 6.0 * np.exp(-t / 3)
+    loss = level * (1 + 0.02 * np.random.default_rng(seed).standard_normal(40))
+    assert run(Detectors(cfg), loss, np.ones(40)) == {}  # the clean fall itself: nothing
+    first = cfg.min_window
+    detectors = Detectors(cfg)
+    assert run(detectors, loss[:first], np.ones(first)) == {}
+    poisoned = 2 * level[first]
+    assert poisoned / detectors.losses.median() < 1 + cfg.spike_min_rise  # the median alone would miss it
+    assert [f.kind for f in detectors.check(first, float(poisoned), 1.0)] == [LOSS_SPIKE]
+
+
+def test_the_current_level_follows_a_falling_trend_but_never_a_rising_one():
+    window = RollingWindow(32)
+    for s in range(16):
+        window.add(s, 10.0 - 0.25 * s)  # 10 ... 6.25
+    assert window.level(16) == pytest.approx(6.0)  # the trend, one step on; the median is 8.1
+    assert window.level(1000) == pytest.approx(0.75 * 6.25)  # never far below what was seen
+    rising = RollingWindow(32)
+    for s in range(16):
+        rising.add(s, 5.0 + 0.1 * s)
+    assert rising.level(16) == pytest.approx(rising.median())

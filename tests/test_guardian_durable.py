@@ -171,9 +171,9 @@ def test_a_guardian_actor_killed_mid_run_comes_back_with_its_skipped_ranges(tmp_
     from raytrainer.launch import run
 
     dataset = make_dataset(tmp_path)
-    cfg = micro_config(dataset, str(tmp_path / "runs"), name="killed", steps=90, extra=[
-        "faults=[{step: 25, kind: nan_loss}, {step: 26, kind: nan_loss}, {step: 75, kind: nan_loss}, "
-        "{step: 76, kind: nan_loss}]", "parallel.min_workers=1", "parallel.max_workers=1",
+    cfg = micro_config(dataset, str(tmp_path / "runs"), name="killed", steps=60, extra=[
+        "faults=[{step: 25, kind: nan_loss}, {step: 26, kind: nan_loss}, {step: 45, kind: nan_loss}, "
+        "{step: 46, kind: nan_loss}]", "parallel.min_workers=1", "parallel.max_workers=1",
         "guardian.skips_before_rollback=1", "guardian.rollback_skip_batches=2", "guardian.max_rollbacks=3"])
     # A Ray of its own (not one `ray start` left running), with its own dashboard: Ray Train's placement-group
     # cleaner asks the state API whether the controller lives, and without a dashboard that API falls back
@@ -207,21 +207,21 @@ def test_a_guardian_actor_killed_mid_run_comes_back_with_its_skipped_ranges(tmp_
         ray.shutdown()
 
     assert "guardian for run killed restarted by Ray: reloaded its state" in capfd.readouterr().err
-    assert outcome["result"]["step"] == 90
+    assert outcome["result"]["step"] == 60
     events = read_events(guardian_store)
     # No worker group restarted, so nothing was merged in from a checkpoint: what the guardian knew after
     # the kill came from its durable state alone.
     assert not [e for e in events if e["event"] == "restore"]
     rollbacks = [e for e in events if e["event"] == "rollback"]
     assert (rollbacks[0]["step"], rollbacks[0]["rollback_to"], rollbacks[0]["skip_range"]) == (26, 20, [25, 29])
-    later = [(i, e) for i, e in enumerate(rollbacks) if e["step"] == 76]
-    assert len(later) == 1 and later[0][1]["rollback_to"] == 70
+    later = [(i, e) for i, e in enumerate(rollbacks) if e["step"] == 46]
+    assert len(later) == 1 and later[0][1]["rollback_to"] == 40
     # The restarted guardian counted the rollbacks made before the kill ...
     assert f"rollback {later[0][0] + 1} of 3" in later[0][1]["reason"] and later[0][0] >= 1
     final = read_guardian_state(cfg, guardian_store)
     assert len(final["rollbacks"]) == len(rollbacks)
     # ... and still skips the first window, as does the state saved in the last checkpoint.
-    state = CheckpointStore(cfg.checkpoint.storage, "killed").read_json(90, "trainer_state.json")
+    state = CheckpointStore(cfg.checkpoint.storage, "killed").read_json(60, "trainer_state.json")
     for skipped in (final["skipped"], state["guardian"]["skipped"]):
         assert any(a <= 25 and 29 <= b for a, b in skipped), skipped
         assert any(a <= later[0][1]["skip_range"][0] and later[0][1]["skip_range"][1] <= b for a, b in skipped)

@@ -17,6 +17,7 @@ def test_a_rank_slow_over_the_window_is_named_once_and_recovers():
     # Named once most of its last 5 steps were slow (step 6), recovered once most were not (step 16).
     assert [(e["event"], e["step"], e["rank"]) for e in events] == [("straggler", 6, 1), ("straggler_recovered", 16, 1)]
     assert events[0]["ratio"] == 4.0 and events[0]["steps"] == 5
+    assert events[1]["own_s"] == 0.11 and events[1]["ratio"] == 1.1  # the numbers that say it is over
 
 
 def test_a_busy_host_does_not_hide_a_straggler_nor_make_one():

@@ -259,33 +259,35 @@ class CheckpointManager:
                 self._complete.discard(step)
         return None
 
-    def load(self, step: int, engine: Any) -> TrainerState:
-        """This rank's part of checkpoint `step` into `engine`; raises CheckpointError when it cannot.
+    def load(self, step: int, engine: Any, store: CheckpointStore | None = None) -> TrainerState:
+        """This rank's part of checkpoint `step` into `engine`; raises CheckpointError when it cannot. `store`:
+        another run's (a branch, model.init_state=full) instead of this run's.
 
         A rank downloads the trainer state, its RNG file and the model files its engine says its load reads
         (an engine that cannot say gets every file): at the same world size that is the metadata and its
         own shards, so N ranks together pull about one copy of the checkpoint rather than N."""
+        store = store or self.store
         local = self.staging / f"load-{step:08d}-{uuid.uuid4().hex[:8]}"
         rng_name = f"rng/rank-{self.env.rank:05d}.json"
         choose = getattr(engine, "checkpoint_files", None)
         try:
             if choose is None:
-                loaded = self.store.download(step, local)
+                loaded = store.download(step, local)
                 fetched = len(loaded.files)
             else:
                 # First what says which model files this rank needs (DCP's metadata), then those files.
                 first = {STATE_FILE, rng_name} | {f"{MODEL_DIR}/{n}" for n in engine.checkpoint_index_files}
-                loaded = self.store.download(step, local, select=first.__contains__)
+                loaded = store.download(step, local, select=first.__contains__)
                 committed = {rel for record in loaded.records.values() for rel in record.files}
                 names = sorted(rel[len(MODEL_DIR) + 1:] for rel in committed if rel.startswith(MODEL_DIR + "/"))
                 needed = {f"{MODEL_DIR}/{n}" for n in choose(local / MODEL_DIR, names, loaded.world_size)}
                 if needed - committed:
                     raise CheckpointCorrupt(
-                        f"checkpoint step {step} at {self.store.step_url(step)}: rank {self.env.rank}'s load "
+                        f"checkpoint step {step} at {store.step_url(step)}: rank {self.env.rank}'s load "
                         f"reads {sorted(needed - committed)[:5]}, which no rank committed")
                 rest = needed - set(loaded.files)
                 if rest:
-                    self.store.download(step, local, select=rest.__contains__)
+                    store.download(step, local, select=rest.__contains__)
                 fetched = len(set(loaded.files) | needed)
             state = TrainerState(**json.loads((loaded.local_dir / STATE_FILE).read_text()))
             engine.load_checkpoint(loaded.local_dir / MODEL_DIR, saved_world_size=loaded.world_size)

@@ -1,14 +1,16 @@
 """Anomaly detectors for the numbers a training step reports: pure, no Ray, no I/O.
 
 Calibrated on organic spikes (bench/organic_spikes.py), not only on injected faults. Every level is robust:
-the *baseline* is the median of the last `baseline_window` healthy steps, and the *noise* is the median
-absolute step-to-step change (scaled to a standard deviation), so neither the fast early fall of the loss
-nor one earlier outlier inflates them (the loss detectors use them; see below for grad norms).
+the *baseline* is the median of the last `baseline_window` healthy steps (and the *current level*, while the
+loss still falls, that window's recent trend carried forward to the step: `RollingWindow.level`), and the
+*noise* is the median absolute step-to-step change (scaled to a standard deviation), so neither the fast
+early fall of the loss nor one earlier outlier inflates them (the loss detectors use them; see below for
+grad norms).
 
 - **non-finite**: the loss or the pre-clip gradient norm is NaN or infinite. Always on, even in warmup.
-- **loss spike**: loss > `spike_ratio` x baseline (a doubling, by default), or loss more than `spike_zscore`
-  noise-sigmas above the baseline *and* more than `spike_min_rise` (a fraction) above it: quiet curves of
-  big batches are held to their own noise, noisy small-batch curves to a rise that matters.
+- **loss spike**: loss > `spike_ratio` x the current level (a doubling, by default), or loss more than
+  `spike_zscore` noise-sigmas above the baseline *and* more than `spike_min_rise` (a fraction) above it:
+  quiet curves of big batches are held to their own noise, noisy small-batch curves to a rise that matters.
 - **grad-norm spike**: grad norm > `grad_norm_max`, or more than `grad_norm_zscore` standard deviations of
   log(norm) above its mean over the last `window` healthy steps (grad norms vary multiplicatively, and
   jump several-fold on healthy runs: the plain spread, not a robust one, is the yardstick).
@@ -86,6 +88,24 @@ class RollingWindow:
     def median(self) -> float:
         return statistics.median(self.values())
 
+    def level(self, step: int) -> float:
+        """Where the values are at `step`: the span's median, or, while they fall, the trend of its newest
+        quarter (at least 8 values; Theil-Sen: the median pairwise slope) carried forward to `step`. On a fast
+        early fall the median lags half a window up the slope, and even the last value is a step behind: a
+        batch that doubles the current loss would look 1.5-1.9x either. Never above the median (a rising
+        trend is not extrapolated) and never below 3/4 of the quarter's lowest value."""
+        median = statistics.median(self.values())
+        recent = list(self.items)[-self.span:][-max(8, len(self) // 4):]
+        slopes = [(vb - va) / (sb - sa) for i, (sa, va) in enumerate(recent) for sb, vb in recent[i + 1:] if sb > sa]
+        if len(recent) < 3 or not slopes:
+            return median
+        slope = statistics.median(slopes)
+        if slope >= 0:
+            return median
+        intercept = statistics.median(v - slope * s for s, v in recent)
+        floor = 0.75 * min(v for _, v in recent)
+        return min(median, max(intercept + slope * step, floor))
+
     def noise(self) -> float:
         """A robust standard deviation of the values around their trend: the median absolute deviation of
         the step-to-step changes, scaled (x1.4826 for a normal, /sqrt(2) for a difference of two)."""
@@ -117,16 +137,21 @@ def check_finite(loss: float, grad_norm: float, finite: bool = True) -> Finding 
     return Finding(NON_FINITE, f"non-finite step: loss={loss}, grad_norm={grad_norm}")
 
 
-def check_loss_spike(loss: float, losses: RollingWindow, cfg: GuardianConfig) -> Finding | None:
+def check_loss_spike(step: int, loss: float, losses: RollingWindow, cfg: GuardianConfig) -> Finding | None:
+    """A doubling is measured against where the loss is now (`level`: a poisoned batch early on, while the
+    loss still falls fast, doubles the current loss but not the window's median); the finer noise test
+    against the median, which content-driven batches of 1.5x on a falling curve do not cross."""
     if len(losses) < cfg.min_window:
         return None
-    base = losses.median()
-    if base <= 0:
+    level = losses.level(step)
+    if level <= 0:
         return None
-    ratio = loss / base
+    ratio = loss / level
     if ratio > cfg.spike_ratio:
-        return Finding(LOSS_SPIKE, f"loss {loss:.4g} is {ratio:.2f}x its recent median {base:.4g} "
+        return Finding(LOSS_SPIKE, f"loss {loss:.4g} is {ratio:.2f}x its recent level {level:.4g} "
                                    f"(limit guardian.spike_ratio={cfg.spike_ratio:g})")
+    base = losses.median()
+    ratio = loss / base
     sigma = max(losses.noise(), cfg.zscore_min_rel_std * base, 1e-12)
     z = (loss - base) / sigma
     if z > cfg.spike_zscore and ratio > 1 + cfg.spike_min_rise:
@@ -234,7 +259,7 @@ class Detectors:
             return [non_finite]
         if step < self.cfg.warmup_exempt_steps:
             return []
-        findings = self._spikes(loss, grad_norm)
+        findings = self._spikes(step, loss, grad_norm)
         if self.divergence.would_fire(loss):
             findings.append(Finding(DIVERGENCE, "the loss stays above its baseline"))
         return findings
@@ -251,7 +276,7 @@ class Detectors:
             self._learn(step, loss, grad_norm)
             return []
         self._note_rise(step, self.elevated(loss))
-        findings = self._spikes(loss, grad_norm)
+        findings = self._spikes(step, loss, grad_norm)
         diverged = self.divergence.update(step, loss)
         if diverged is not None:
             findings.append(diverged)
@@ -259,8 +284,8 @@ class Detectors:
             self._learn(step, loss, grad_norm)
         return findings
 
-    def _spikes(self, loss: float, grad_norm: float) -> list[Finding]:
-        return [f for f in (check_loss_spike(loss, self.losses, self.cfg),
+    def _spikes(self, step: int, loss: float, grad_norm: float) -> list[Finding]:
+        return [f for f in (check_loss_spike(step, loss, self.losses, self.cfg),
                             check_grad_spike(grad_norm, self.log_grad_norms, self.cfg)) if f is not None]
 
     def elevated(self, loss: float) -> bool:

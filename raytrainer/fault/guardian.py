@@ -281,6 +281,10 @@ class Guardian:
                     self._excluded.append(node)
                     exclude.append(node)
                     event["reason"] += "; its node is excluded (guardian.straggler_exclude)"
+            else:
+                event["reason"] = (f"rank {rank}{f' on node {node}' if node else ''} is back to {event['own_s']:.3g} s "
+                                   f"a step over the last {event['steps']} steps, {event['ratio']:g}x the other "
+                                   f"ranks' {event['others_s']:.3g} s")
             self._emit(event)
         return named, exclude
 

@@ -48,5 +48,7 @@ class StragglerWatch:
                                "steps": self.steps})
             elif not slow and rank in self.named:
                 self.named.discard(rank)
-                events.append({"event": "straggler_recovered", "step": step, "rank": rank})
+                events.append({"event": "straggler_recovered", "step": step, "rank": rank, "own_s": round(mine, 4),
+                               "others_s": round(others, 4), "ratio": round(mine / max(others, 1e-9), 2),
+                               "steps": self.steps})
         return events

@@ -76,7 +76,10 @@ class LiveView:
             self._attempt_open = False
         if kind == "start":
             self._attempt_open = True
-            return f"starting at step 0 of {r.get('steps', self.total)} on {r.get('world_size')} workers"
+            self.step = r.get("step", 0)
+            branch = f", branched from {r['branched_from']}" if r.get("branched_from") else ""
+            return (f"starting at step {self.step} of {r.get('steps', self.total)} on {r.get('world_size')} "
+                    f"workers{branch}")
         if kind == "resume":
             self.step = r["step"]
             died = ("the last attempt ended without a word (a killed process or a lost node; Ray's logs are in "

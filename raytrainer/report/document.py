@@ -230,7 +230,8 @@ def _hardware_lines(events: list[dict]) -> list[str]:
             nodes = ", ".join(e.get("nodes") or []) or "-"
         else:
             where, nodes = (f"rank {e['rank']}" if "rank" in e else "-"), e.get("node") or "-"
-        rows.append(f"| {e.get('step')} | {kind} | {where} | {nodes} | {str(e.get('reason', '')).splitlines()[0]} |")
+        detail = (str(e.get("reason") or "").splitlines() or ["-"])[0]  # an event may carry no reason
+        rows.append(f"| {e.get('step')} | {kind} | {where} | {nodes} | {detail} |")
     return ["| step | event | rank | node | detail |", "|---|---|---|---|---|", *rows]
 
 
@@ -241,7 +242,8 @@ def _event_lines(history: RunHistory) -> list[str]:
         if kind == "rollback":
             rows.append(f"| {_when(e.get('time'))} | rollback | step {e['step']} to {e['to']}: {e.get('reason', '')} |")
         elif kind in ("start", "resume"):
-            where = f" from {e.get('checkpoint')}" if kind == "resume" else ""
+            where = f" from {e.get('checkpoint') or e.get('branched_from')}" if e.get("checkpoint") or e.get(
+                "branched_from") else ""
             rows.append(f"| {_when(e.get('time'))} | {kind} | step {e['step']} on {e.get('world_size')} workers"
                         f"{where} |")
         elif kind in ("stopped", "finish", "abort"):

@@ -412,26 +412,50 @@ class Trainer:
 
     def restore(self) -> int:
         state = self.checkpoints.load_latest(self.engine)
+        branched_from = None
+        if state is None and self.cfg.model.init_state == "full":
+            state, branched_from = self.branch()
         if state is None:
             self.feed = self.feed_factory(None)
             step = 0
         else:
-            self.guardian.load_state_dict(state.guardian)
-            if self.env.rank == 0:  # retention of an earlier attempt may have deleted checkpoints it knew
-                self.guardian.checkpoints_exist(self.checkpoints.complete_steps())
+            if branched_from is None:  # a branch's guardian starts fresh: its run's curve is another one
+                self.guardian.load_state_dict(state.guardian)
+                if self.env.rank == 0:  # retention of an earlier attempt may have deleted checkpoints it knew
+                    self.guardian.checkpoints_exist(self.checkpoints.complete_steps())
             self.feed = self.feed_factory(state.cursor)
             step = state.step
             self.tokens_seen = int(state.metrics.get("tokens_seen", 0))
-        self.note("resume" if state else "start", step=step, world_size=self.env.world_size,
-                  steps=self.cfg.train.steps, checkpoint=self.checkpoints.store.step_url(step) if state else None)
+        resumed = state is not None and branched_from is None
+        self.note("resume" if resumed else "start", step=step, world_size=self.env.world_size,
+                  steps=self.cfg.train.steps, checkpoint=self.checkpoints.store.step_url(step) if resumed else None,
+                  **({"branched_from": branched_from} if branched_from else {}))
         # The live guardian may know of skipped windows newer than the checkpoint (a rollback, then a
         # crash before the next save): every rank applies them, so no restart replays a skipped window.
         ranges = self.env.broadcast(self.guardian.skipped_ranges() if self.env.rank == 0 else None)
         for start, end in ranges or []:
             self.feed.skip_batches(start, end)
         self.blacklist_blamed()
-        log.info("rank %d: %s at step %d", self.env.rank, "resumed" if state else "starting fresh", step)
+        how = "resumed" if resumed else f"branched from {branched_from}" if branched_from else "starting fresh"
+        log.info("rank %d: %s at step %d", self.env.rank, how, step)
         return step
+
+    def branch(self) -> tuple[TrainerState, str]:
+        """model.init_state=full: another run's checkpoint, whole, is this run's starting point (its data
+        position only when the data is the same; see raytrainer.warm_start)."""
+        from raytrainer.warm_start import branch_point, same_data
+
+        store, step, source_cfg = branch_point(self.cfg)
+        step = self.env.broadcast(step)  # the source may still be writing: every rank takes rank 0's newest
+        state = self.checkpoints.load(step, self.engine, store=store)
+        if not same_data(source_cfg, self.cfg):
+            state.cursor = None
+        if self.env.rank == 0:
+            log.info("branched from %s at step %d: model, optimizer and step%s; the schedule goes on under this "
+                     "run's settings (model.init_state=full)", store.step_url(step), step,
+                     ", data position" if state.cursor is not None else
+                     "; the data section differs from the source's, so the data starts at its beginning")
+        return state, store.step_url(step)
 
     def blacklist_blamed(self) -> None:
         """Every rank, on a rebuilt feed: the checkpoint's cursor may predate documents blamed since."""

@@ -47,7 +47,9 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every strategy
     model = Transformer(cfg.model)
-    if cfg.model.init_from is not None and (store or run_store(cfg)).latest_complete() is None:
+    # model.init_state=full loads the whole source checkpoint where a resume would (Trainer.restore).
+    if (cfg.model.init_from is not None and cfg.model.init_state == "weights"
+            and (store or run_store(cfg)).latest_complete() is None):
         from raytrainer.warm_start import warm_start
 
         warm_start(cfg, model, env.rank)  # a run with a checkpoint of its own resumes from that instead
