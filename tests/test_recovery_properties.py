@@ -136,7 +136,9 @@ def run_schedule(tmp: Path, s: dict, monkeypatch) -> None:
                 raise
         finally:
             if manager.housekeeper is not None:
-                manager.housekeeper.flush(30)
+                # Pending deletions and pins, not watches: a step torn by an injected failure stays watched
+                # until a newer one completes, which an ended attempt never sees (it waited 30 s for nothing).
+                manager.housekeeper.flush(30, include_watches=False)
                 manager.housekeeper.close()
     for event in guardian.events:
         if event["event"] == "rollback":
@@ -149,7 +151,7 @@ def run_schedule(tmp: Path, s: dict, monkeypatch) -> None:
 
 
 @pytest.mark.slow
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schedule=schedules)
 def test_random_schedules_keep_every_invariant(tmp_path_factory, monkeypatch, schedule):
     run_schedule(tmp_path_factory.mktemp("prop"), schedule, monkeypatch)
