@@ -175,7 +175,7 @@ def main() -> None:
                                f"model.max_seq_len={max(512, args.seq_len)}",
                                f"data.read_tasks={args.read_tasks}"])
     raw_before = raw_read(dataset)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         on_ray = pipeline(cfg, dataset, args.steps, use_ray=True, warm_steps=args.warm_steps)
     finally:

@@ -154,7 +154,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(args.config, [f"checkpoint.storage={tmp}", "run.name=guardian-bench"])
         threads = os.cpu_count() or 1
-        ray.init(num_cpus=max(4, threads), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(4, threads), include_dashboard=False, log_to_driver=False)
         try:
             start_guardian(cfg)
             rank0 = ray.remote(num_cpus=1)(Rank0).remote(to_dict(cfg, reveal_secrets=True), threads)

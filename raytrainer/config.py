@@ -443,7 +443,7 @@ class EvalConfig(Section):
 
 class RunConfig(Section):
     name: str = "tiny"
-    address: str | None = None  # Ray address; None starts (or joins) a local Ray
+    address: str | None = None  # Ray cluster to join ("auto": the one `ray start` runs here); None starts a local Ray
     local_num_cpus: int = Field(8, gt=0)  # logical CPUs for a local Ray, above the core count on purpose
     # true: go on from the newest complete checkpoint of <checkpoint.storage>/<name>, if there is one.
     # false: start at step 0; when that directory already holds a run, this one is named

@@ -50,7 +50,10 @@ def init_ray(cfg: Config) -> None:
         # the data tasks are past it at once. The logical CPU count is the concurrency meant here.
         num_cpus = max(cfg.run.local_num_cpus, os.cpu_count() or 1)
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))
-        ray.init(num_cpus=num_cpus, include_dashboard=True,
+        # address="local": a Ray of the job's own. A bare init joins the cluster recorded in
+        # /tmp/ray/ray_current_cluster, and fails on num_cpus, or on a dead address a killed run left there;
+        # joining a cluster is said with run.address (or RAY_ADDRESS), e.g. "auto".
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                  log_to_driver=log_to_driver, **quiet)
 
 

@@ -21,7 +21,7 @@ def test_guardian_actor_round_trip_from_a_worker(tmp_path):
         "run": {"name": "actor-test"},
         "guardian": {"skips_before_rollback": 1, "rollback_skip_batches": 2},
     })
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         start_guardian(cfg)  # the driver drops the client: the module keeps the actor alive
         gc.collect()

@@ -362,7 +362,9 @@ def ensure_ray(num_cpus: int = 8) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(ignore_reinit_error=True)
     else:
-        ray.init(num_cpus=num_cpus, ignore_reinit_error=True, include_dashboard=False)
+        # "local": a Ray of its own, never whatever cluster `ray start` (or a run killed midway) left recorded
+        # in /tmp/ray/ray_current_cluster, which a bare init would try to join.
+        ray.init(address="local", num_cpus=num_cpus, ignore_reinit_error=True, include_dashboard=False)
 
 
 def _absolute(tokenizer: str) -> str:

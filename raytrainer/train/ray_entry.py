@@ -35,8 +35,10 @@ def every_ranks_node() -> list[str]:
     return [str(n) for n in gather_objects(ray.get_runtime_context().get_node_id())]
 
 
-def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=None, store=None) -> Trainer:
-    """Everything one worker needs, from the config alone (plus its place in the world)."""
+def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=None, store=None,
+                  data_in_process: bool = False) -> Trainer:
+    """Everything one worker needs, from the config alone (plus its place in the world). `data_in_process`:
+    batches made in this process even with Ray initialised (a sweep's trial), not by the Ray Data pipeline."""
     from raytrainer.checkpoint.manager import CheckpointManager
     from raytrainer.data.feed import DataFeed
     from raytrainer.fault.injection import FaultInjector
@@ -62,7 +64,8 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
     checkpoints = CheckpointManager(cfg, env, store=store)
 
     def feed_factory(cursor: dict | None) -> DataFeed:
-        return DataFeed(cfg, cfg.data.path, env.rank, env.world_size, cursor=cursor)
+        return DataFeed(cfg, cfg.data.path, env.rank, env.world_size, cursor=cursor,
+                        use_ray=False if data_in_process else None)
 
     injector = None
     if cfg.faults:
