@@ -108,10 +108,14 @@ def branch_point(cfg: Config):
     return store, step, source_cfg
 
 
+# data keys that change how batches are read or reported, not which documents they hold
+HOW_DATA_IS_READ = {"s3", "prefetch_batches", "read_tasks", "epoch_warning", "val_path"}
+
+
 def same_data(source_cfg: Config, cfg: Config) -> bool:
     """Whether a branch trains on the source's data as it was (its data position then means the same thing)."""
-    def data(c: Config) -> dict:
-        return {k: v for k, v in c.data.model_dump(mode="json").items() if k != "s3"}
+    def data(c: Config) -> dict:  # what decides which documents come when, not how fast they are read
+        return {k: v for k, v in c.data.model_dump(mode="json").items() if k not in HOW_DATA_IS_READ}
 
     def plan(c: Config) -> tuple:  # what else the global batch sequence is a function of
         return c.train.seed, c.train.global_batch_tokens, c.train.seq_len

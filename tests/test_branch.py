@@ -63,6 +63,11 @@ def test_weights_only_or_other_data_is_another_run(runs):
     assert [s for s, _ in losses] == list(range(10, 16))
     assert trainer.feed.batch_index == 5  # the new data from its beginning
     assert losses[0][1] != whole[10]
+    # How the data is read is not which data: the position is kept.
+    faster = micro_config(dataset, storage, name="faster", steps=12,
+                          extra=[*WSD, f"model.init_from=run:{storage}/stable@10", "model.init_state=full",
+                                 "data.prefetch_batches=8", "data.read_tasks=2"])
+    assert fit(faster)[0] == [(s, whole[s]) for s in (10, 11)]
 
 
 def test_a_source_that_cannot_be_branched_from_is_refused_by_name(runs):
