@@ -111,6 +111,9 @@ class RopeScaling(Section):
 class LossConfig(Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     z_loss_weight: float = Field(0.0, ge=0.0)  # PaLM's z-loss: weight * logsumexp(logits)^2
+    # 0: the logits are materialised (fastest for small vocabularies). N: the head and the loss run N tokens
+    # at a time and the logits never exist (raytrainer.model.fused_loss): large vocabularies, long rows
+    chunk_tokens: int = Field(0, ge=0)
 
 
 class LoraConfig(Section):
@@ -496,6 +499,10 @@ class Config(Section):
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:
         t = self.train
+        if self.model.loss.chunk_tokens and self.parallel.strategy == "deepspeed" and self.parallel.zero_stage == 3:
+            raise ValueError("model.loss.chunk_tokens with ZeRO-3: the chunked loss reads lm_head's weight outside "
+                             "lm_head's forward, where ZeRO-3 has not gathered it; use zero_stage 1 or 2, fsdp, or "
+                             "model.loss.chunk_tokens=0")
         for seq_len in self.phase_seq_lens():
             if seq_len > self.model.max_seq_len and self.model.rope_scaling is None:
                 raise ValueError(

@@ -93,14 +93,21 @@ def compute_loss(
     mtp_weight times the mean over heads of their (smoothed) CE sums.
     """
     main = token_loss_sums(logits, labels, label_smoothing, z_loss_weight)
+    mtp = [token_loss_sums(head, shift_labels(labels, doc_ids, k), label_smoothing)
+           for k, head in enumerate(mtp_logits or [], start=1)]
+    return combine_loss(main, mtp, z_loss_weight=z_loss_weight, mtp_weight=mtp_weight,
+                        loss_normalizer=loss_normalizer)
+
+
+def combine_loss(main: LossSums, mtp: list[LossSums], *, z_loss_weight: float = 0.0, mtp_weight: float = 0.0,
+                 loss_normalizer: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The scalar loss and its metrics from the main head's sums and each MTP head's."""
     count = main.count.clamp(min=1)  # an all-ignored micro-batch gives loss 0, not NaN
     metrics = {"ce": main.ce / count, "label_tokens": main.count.detach()}
     total = main.objective
     if z_loss_weight > 0:
         metrics["z_loss"] = main.z / count
-    if mtp_logits:
-        mtp = [token_loss_sums(head, shift_labels(labels, doc_ids, k), label_smoothing)
-               for k, head in enumerate(mtp_logits, start=1)]
+    if mtp:
         total = total + mtp_weight / len(mtp) * sum(s.objective for s in mtp)
         metrics["mtp_ce"] = sum(s.ce / s.count.clamp(min=1) for s in mtp) / len(mtp)
     normalizer = count if loss_normalizer is None else loss_normalizer

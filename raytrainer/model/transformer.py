@@ -25,14 +25,15 @@ from torch import nn
 
 from raytrainer.config import ModelConfig
 from raytrainer.model.attention import AttentionMask, attention, build_mask
+from raytrainer.model.fused_loss import chunked_loss_sums
 from raytrainer.model.kv_cache import KVCache, LayerCache
-from raytrainer.model.loss import compute_loss
+from raytrainer.model.loss import combine_loss, compute_loss, shift_labels
 from raytrainer.model.rope import RotaryEmbedding, apply_rope
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None in training with model.loss.chunk_tokens: they are never materialised
     loss: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -195,6 +196,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask) if cache is None else layer(x, cos, sin, mask, cache.layers[i])
         if cache is not None:
             cache.end(T)
+        if labels is not None and self.cfg.loss.chunk_tokens:
+            return self.chunked_loss(x, labels, doc_ids, loss_normalizer)
         logits = self.output_logits(self.norm(x))
         if labels is None:
             return ModelOutput(logits)
@@ -210,6 +213,24 @@ class Transformer(nn.Module):
             loss_normalizer=loss_normalizer,
         )
         return ModelOutput(logits, loss, metrics)
+
+    def chunked_loss(self, x: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None,
+                     loss_normalizer: float | None) -> ModelOutput:
+        """The loss through raytrainer.model.fused_loss: the head and the loss a chunk of tokens at a time.
+        Every token's CE comes along in metrics["token_ce"] (what per-document blame reads)."""
+        loss_cfg = self.cfg.loss
+
+        def sums(h: torch.Tensor, target: torch.Tensor, z_weight: float):
+            return chunked_loss_sums(h, self.lm_head.weight, target, chunk_tokens=loss_cfg.chunk_tokens,
+                                     scale=1.0 / self.width_mult, softcap=self.cfg.logit_softcap,
+                                     label_smoothing=loss_cfg.label_smoothing, z_loss_weight=z_weight)
+
+        main, token_ce = sums(self.norm(x), labels, loss_cfg.z_loss_weight)
+        mtp = [sums(head(x), shift_labels(labels, doc_ids, k), 0.0)[0] for k, head in enumerate(self.mtp, start=1)]
+        loss, metrics = combine_loss(main, mtp, z_loss_weight=loss_cfg.z_loss_weight, mtp_weight=self.cfg.mtp_weight,
+                                     loss_normalizer=loss_normalizer)
+        metrics["token_ce"] = token_ce
+        return ModelOutput(None, loss, metrics)
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """Param groups with `lr_scale`: hidden matrices get 1/m under muP (Adam rule), the rest 1.0.

@@ -135,7 +135,8 @@ class StepEngine:
                 s.backward(self.scaler.scale_loss(out.loss))
             ce_sum += out.metrics["ce"].detach().double() * out.metrics["label_tokens"]
             if per_token is not None:
-                per_token.append(token_ce(out.logits, inputs["labels"]).cpu())
+                tokens = out.metrics.get("token_ce")  # the chunked loss has no logits to read them from
+                per_token.append((tokens if tokens is not None else token_ce(out.logits, inputs["labels"])).cpu())
         t_backward = time.perf_counter()
         for hook in self.gradient_hooks:
             hook(step)

@@ -1,0 +1,109 @@
+"""The output layer and the loss in one pass over chunks of tokens: the full logits never exist.
+
+    sums, token_ce = chunked_loss_sums(hidden [N, D], weight [V, D], labels [N], chunk_tokens=4096, ...)
+
+The naive path materialises logits [N, V] in the matmul's dtype and again in fp32 for the loss (and keeps them
+for backward): at vocab 128k and 16k tokens a micro-batch that is 8 GB in fp32. Here each chunk of tokens
+goes through the head, its loss terms are summed, and only each token's logsumexp is kept; backward
+recomputes the chunk's logits and turns them straight into the gradients of the hidden states and the
+weight. Same terms as raytrainer.model.loss.token_loss_sums (label smoothing, z-loss, ignored positions)
+plus what the model does to logits before the loss (μP's 1/m, soft-capping); terms that are off are not
+computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raytrainer.model.loss import IGNORE_INDEX, LossSums
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, scale: float, softcap: float | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits of a chunk, as the model computes them, and tanh(raw / cap) when soft-capped (backward
+    needs it)."""
+    logits = (h.to(weight.dtype) @ weight.t()).float()
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is None:
+        return logits, None
+    t = torch.tanh(logits / softcap)
+    return softcap * t, t
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, scale, softcap, label_smoothing, z_loss_weight, chunk_tokens):
+        n = hidden.shape[0]
+        valid = labels != IGNORE_INDEX
+        safe = labels.clamp(min=0)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        ce = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        objective = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for a in range(0, n, chunk_tokens):
+            b = min(a + chunk_tokens, n)
+            logits, _ = _chunk_logits(hidden[a:b], weight, scale, softcap)
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            chunk_ce = chunk_lse - logits.gather(1, safe[a:b, None]).squeeze(1)
+            term = chunk_ce
+            if label_smoothing > 0:
+                term = (1 - label_smoothing) * chunk_ce + label_smoothing * (chunk_lse - logits.mean(dim=-1))
+            if z_loss_weight > 0:
+                term = term + z_loss_weight * chunk_lse.pow(2)
+            objective += torch.where(valid[a:b], term, 0.0).sum()
+            lse[a:b], ce[a:b] = chunk_lse, chunk_ce
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.settings = (scale, softcap, label_smoothing, z_loss_weight, chunk_tokens)
+        ce = torch.where(valid, ce, 0.0)
+        ctx.mark_non_differentiable(ce, lse)
+        return objective, ce, lse
+
+    @staticmethod
+    def backward(ctx, grad_objective, _grad_ce, _grad_lse):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        scale, softcap, label_smoothing, z_loss_weight, chunk_tokens = ctx.settings
+        valid = labels != IGNORE_INDEX
+        safe = labels.clamp(min=0)
+        vocab = weight.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for a in range(0, hidden.shape[0], chunk_tokens):
+            b = min(a + chunk_tokens, hidden.shape[0])
+            logits, t = _chunk_logits(hidden[a:b], weight, scale, softcap)
+            chunk_lse = lse[a:b, None]
+            softmax = torch.exp(logits - chunk_lse)
+            # d(term)/d(logits): (1 - eps)(p - onehot) + eps (p - 1/V) + 2 w lse p, i.e. p (1 + 2 w lse) - ...
+            grad = softmax * (1 + 2 * z_loss_weight * chunk_lse) if z_loss_weight > 0 else softmax
+            grad.scatter_add_(1, safe[a:b, None],
+                              torch.full((b - a, 1), -(1 - label_smoothing), device=grad.device))
+            if label_smoothing > 0:
+                grad -= label_smoothing / vocab
+            grad *= (valid[a:b, None] * grad_objective).to(grad.dtype)
+            if softcap is not None:
+                grad *= 1 - t.pow(2)  # d(cap * tanh(x / cap))/dx
+            if scale != 1.0:
+                grad *= scale
+            grad = grad.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[a:b] = (grad @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ hidden[a:b].to(weight.dtype)).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def chunked_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int,
+                      scale: float = 1.0, softcap: float | None = None, label_smoothing: float = 0.0,
+                      z_loss_weight: float = 0.0) -> tuple[LossSums, torch.Tensor]:
+    """hidden [..., D] (after the final norm), weight [V, D] (lm_head), labels [...]: the loss sums of
+    `token_loss_sums(logits, ...)` for logits = softcap(scale * hidden @ weight.T), and every token's CE
+    (detached, 0 where ignored), without materialising the logits."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    objective, ce, lse = _ChunkedLinearCE.apply(flat, weight, flat_labels, float(scale), softcap,
+                                                float(label_smoothing), float(z_loss_weight), int(chunk_tokens))
+    valid = flat_labels != IGNORE_INDEX
+    z = torch.where(valid, lse.pow(2), 0.0).sum()
+    return LossSums(objective=objective, ce=ce.sum(), z=z, count=valid.sum()), ce.reshape(labels.shape)

@@ -1,0 +1,74 @@
+"""The chunked head + loss (model.loss.chunk_tokens) gives the loss and gradients of the materialised logits,
+every term and what the model does to its logits included, without the logits."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from raytrainer.config import ConfigError, ModelConfig, load_config
+from raytrainer.model import Transformer
+from raytrainer.model.fused_loss import chunked_loss_sums
+from raytrainer.model.loss import IGNORE_INDEX, token_ce, token_loss_sums
+
+
+@pytest.mark.parametrize("smoothing,z_weight,softcap,scale",
+                         list(itertools.product((0.0, 0.1), (0.0, 1e-3), (None, 5.0), (1.0, 0.25))))
+def test_the_sums_and_gradients_equal_the_materialised_logits(smoothing, z_weight, softcap, scale):
+    torch.manual_seed(0)
+    n, d, vocab = 37, 16, 50
+    hidden = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, d, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,))
+    labels[::5] = IGNORE_INDEX
+    logits = (hidden @ weight.t()) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    ref = token_loss_sums(logits, labels, smoothing, z_weight)
+    want = torch.autograd.grad(1.7 * ref.objective, (hidden, weight))
+    for chunk in (1, 7, 64):  # a token at a time, chunks that do not divide N, one chunk for all
+        sums, ce = chunked_loss_sums(hidden, weight, labels, chunk_tokens=chunk, scale=scale, softcap=softcap,
+                                     label_smoothing=smoothing, z_loss_weight=z_weight)
+        got = torch.autograd.grad(1.7 * sums.objective, (hidden, weight))
+        for a, b in [(ref.objective, sums.objective), (ref.ce, sums.ce), (ref.z, sums.z), *zip(want, got, strict=True)]:
+            torch.testing.assert_close(b.double(), a.double(), rtol=1e-5, atol=1e-6)
+        assert int(sums.count) == int(ref.count)
+        torch.testing.assert_close(ce.double(), token_ce(logits, labels).double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"mtp_heads": 2, "tie_embeddings": True},
+    {"mup_base_d_model": 32, "logit_softcap": 30.0, "loss": {"label_smoothing": 0.1, "z_loss_weight": 1e-4}},
+])
+def test_the_model_trains_the_same_with_and_without_the_logits(extra):
+    torch.manual_seed(0)
+    base = {"vocab_size": 96, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 32, **extra}
+    loss = base.pop("loss", {})
+    plain = Transformer(ModelConfig(**base, loss=loss))
+    chunked = Transformer(ModelConfig(**base, loss={**loss, "chunk_tokens": 24}))
+    chunked.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 96, (3, 32))
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = IGNORE_INDEX
+    doc_ids = torch.cat([torch.zeros(3, 20, dtype=torch.long), torch.ones(3, 12, dtype=torch.long)], 1)
+    outs = []
+    for model in (plain, chunked):
+        out = model(ids, labels=labels, doc_ids=doc_ids, loss_normalizer=40.0)
+        out.loss.backward()
+        outs.append(out)
+    assert outs[1].logits is None  # never materialised
+    torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-5, atol=1e-6)
+    for key in outs[0].metrics:
+        torch.testing.assert_close(outs[1].metrics[key].double(), outs[0].metrics[key].double(), rtol=1e-5,
+                                   atol=1e-6)
+    torch.testing.assert_close(outs[1].metrics["token_ce"], token_ce(outs[0].logits, labels), rtol=1e-5, atol=1e-6)
+    for (name, a), (_, b) in zip(plain.named_parameters(), chunked.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_zero3_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="model.loss.chunk_tokens with ZeRO-3"):
+        load_config("tiny", ["model.loss.chunk_tokens=1024", "parallel.strategy=deepspeed", "parallel.zero_stage=3"])
