@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raytrainer.config import load_config
-from raytrainer.model.flops import flops_per_token
+from raytrainer.model.flops import attended_pairs, flops_per_token
 from raytrainer.train.engine import StepStats
 from raytrainer.train.metrics import (
     Throughput,
@@ -45,7 +45,43 @@ def test_peak_override_and_measured_cpu_peak():
     measured = cpu_matmul_peak()
     assert 1e8 < measured < 1e14  # some plausible CPU rate
     assert cpu_matmul_peak() == measured  # once per process (and thread count)
-    assert peak_flops(load_config(None, [])) == measured
+    assert peak_flops(load_config(None, ["precision.dtype=fp32"])) == measured
+    # In the dtype in use: bf16 matmuls are another rate on a CPU (fp8 layers multiply in bf16 there).
+    bf16 = cpu_matmul_peak(dtype=torch.bfloat16)
+    assert peak_flops(load_config(None, ["precision.dtype=bf16"])) == bf16
+
+
+def test_a_gpus_peak_is_that_of_the_dtype_in_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda", 0)
+    peaks = {d: peak_flops(load_config(None, [f"precision.dtype={d}"]), cuda) for d in ("bf16", "fp8", "fp32")}
+    assert peaks == {"bf16": 989e12, "fp8": 2 * 989e12, "fp32": 989e12 / 2}
+
+
+def test_attention_work_is_counted_inside_each_document():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1], [2, 2, 2, 2, 2]])
+    assert attended_pairs(doc_ids, (2, 5)) == (6 + 3) + 15  # 3 and 2 causal tokens; 5
+    assert attended_pairs(doc_ids, (2, 5), causal=False) == (9 + 4) + 25
+    assert attended_pairs(None, (2, 5)) == 2 * 15  # no document ids: each row one document
+    # A document cut at a row's end is two stretches of work, one per row.
+    assert attended_pairs(torch.tensor([[7, 7], [7, 7]]), (2, 2)) == 3 + 3
+
+
+def test_mfu_counts_the_attention_done_and_mfu_dense_the_full_square():
+    cfg = load_config("tiny", ["train.peak_flops=1e12"])
+    meter = Throughput(cfg, world_size=1)
+    m, seq = cfg.model, 256
+    rows = 4
+    one_doc = rows * seq * (seq + 1) // 2
+    short_docs = rows * (seq // 16) * (16 * 17 // 2)  # 16 documents of 16 tokens a row
+    full = meter.update(tokens=rows * seq, seconds=1.0, seq_len=seq, attended_pairs=one_doc)
+    short = meter.update(tokens=rows * seq, seconds=1.0, seq_len=seq, attended_pairs=short_docs)
+    attention = 12 * m.n_layers * m.n_heads * m.head_dim
+    six_n = flops_per_token(m, seq) - attention * seq
+    assert full["mfu"] == pytest.approx((rows * seq * six_n + attention * one_doc) / 1e12)
+    assert short["mfu"] == pytest.approx((rows * seq * six_n + attention * short_docs) / 1e12)
+    assert short["mfu"] < full["mfu"] < full["mfu_dense"] == short["mfu_dense"]
+    assert full["mfu_dense"] == pytest.approx(rows * seq * flops_per_token(m, seq) / 1e12)
 
 
 def test_throughput_tokens_per_second_and_mfu():

@@ -8,9 +8,15 @@ Training FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B) and tor
 - The attention term is QK^T and AV (2 * 2 * T * d_model forward per token and layer, x3 for training),
   over the full T x T square: no halving for the causal mask, as in PaLM, so numbers (and MFU) compare
   with published ones. Document masking is not subtracted either.
+
+`attended_pairs` and `attention_flops` count the attention work actually done instead: the (query, key)
+pairs inside each document, l(l+1)/2 for a causal document of l tokens (l^2 bidirectional), which is what
+a document-masked kernel computes; the training step's MFU uses them (raytrainer.train.metrics).
 """
 
 from __future__ import annotations
+
+import torch
 
 from raytrainer.config import ModelConfig
 
@@ -44,6 +50,32 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training (forward + backward) FLOPs per token at the given sequence length."""
+    """Training (forward + backward) FLOPs per token at the given sequence length, PaLM's convention."""
     attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
     return float(6 * matmul_params(cfg) + attention)
+
+
+def attended_pairs(doc_ids: torch.Tensor | None, shape: tuple[int, int], causal: bool = True) -> int:
+    """(query, key) pairs an attention layer computes for a micro-batch [B, T] under document masking:
+    per document of l tokens, l(l+1)/2 causal, l^2 bidirectional (doc_ids None: each row one document)."""
+    rows, seq_len = shape
+    if doc_ids is None:
+        lengths = torch.full((rows,), seq_len, dtype=torch.int64)
+    else:
+        ids = doc_ids.detach().to("cpu", torch.int64)
+        # a number per (row, document), so a document never runs on into the next row
+        keyed = ids + torch.arange(rows, dtype=torch.int64)[:, None] * (int(ids.max()) + 1 if ids.numel() else 1)
+        lengths = torch.unique_consecutive(keyed.reshape(-1), return_counts=True)[1]
+    per_doc = lengths * (lengths + 1) // 2 if causal else lengths * lengths
+    return int(per_doc.sum())
+
+
+def attention_flops(cfg: ModelConfig, pairs: int) -> float:
+    """Training (forward + backward) FLOPs of the attention matmuls over `pairs` (query, key) pairs, every
+    layer: QK^T and AV, 2 FLOPs per multiply-add, x3 for training."""
+    return float(12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * pairs)
+
+
+def matmul_flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token of the weight matmuls alone (6N)."""
+    return float(6 * matmul_params(cfg))

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from raytrainer.config import Config
+from raytrainer.model.flops import attended_pairs
 from raytrainer.model.loss import token_ce
 from raytrainer.train.ema import EMA
 from raytrainer.train.optim import set_lr
@@ -60,6 +61,7 @@ class StepStats:
     applied: bool | None = None  # set by apply(): whether the optimizer update happened
     metrics: dict = field(default_factory=dict)  # timings, loss scale
     token_ce: list[torch.Tensor] | None = None  # asked for: each micro-batch's per-token loss [B, T] (CPU)
+    attended_pairs: float = 0.0  # global (query, key) pairs attention computed under document masking (MFU)
 
 
 def prepare_model(model: nn.Module, cfg: Config) -> nn.Module:
@@ -127,6 +129,8 @@ class StepEngine:
         last = len(micro_batches) - 1
         forward = Stopwatch(device)  # this rank's own compute: a forward waits on no other rank's
         per_token: list[torch.Tensor] | None = [] if token_losses else None
+        causal = not self.cfg.model.bidirectional
+        pairs = sum(attended_pairs(mb.get("doc_ids"), tuple(mb["input_ids"].shape), causal) for mb in micro_batches)
         for i, mb in enumerate(micro_batches):
             inputs = {k: mb[k].to(device, non_blocking=True) for k in BATCH_KEYS if mb.get(k) is not None}
             with contextlib.nullcontext() if i == last else s.no_sync():
@@ -147,7 +151,8 @@ class StepEngine:
         # the metrics, and a rank whose gradients differ from the others' (they are the same numbers on every
         # rank once reduced) can be named.
         per_rank = s.all_gather_floats([float(ce_sum), data_wait_s + time.perf_counter() - t0, data_wait_s,
-                                        float(grad_norm), data_wait_s + forward.seconds(), float(stopping)])
+                                        float(grad_norm), data_wait_s + forward.seconds(), float(stopping),
+                                        float(pairs)])
         loss = math.fsum(r[0] for r in per_rank) / max(global_labels, 1.0)
 
         # Judged on every rank's norm, so that every rank takes the same view of whether it may apply.
@@ -173,6 +178,7 @@ class StepEngine:
             seq_len=seq_len,
             overflow=overflow,
             token_ce=per_token,
+            attended_pairs=sum(r[6] for r in per_rank),
             metrics={"forward_backward_s": t_backward - t0, "micro_batches": len(micro_batches),
                      "rank_busy_s": [r[1] for r in per_rank], "rank_data_wait_s": [r[2] for r in per_rank],
                      "rank_ce_sum": [r[0] for r in per_rank], "rank_grad_norm": [r[3] for r in per_rank],

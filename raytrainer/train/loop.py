@@ -512,7 +512,7 @@ class Trainer:
         now = time.perf_counter()
         wall = now - self._last_step_end if self._last_step_end is not None else stats.time_s
         self._last_step_end = now
-        rate = self.throughput.update(stats.tokens, wall, seq_len=stats.seq_len)
+        rate = self.throughput.update(stats.tokens, wall, seq_len=stats.seq_len, attended_pairs=stats.attended_pairs)
         self._recent_rates = (self._recent_rates + [rate.get("tokens_per_s", 0.0)])[-20:]
         rate["median_tokens_per_s"] = sorted(self._recent_rates)[len(self._recent_rates) // 2]
         if applied:
@@ -539,7 +539,7 @@ class Trainer:
             # Every rank's data wait + forward + backward: the spread is how long the fastest waited.
             "step_time_spread_s": max(busy) - min(busy),
             "slowest_rank": max(range(len(busy)), key=busy.__getitem__),
-            "flops": stats.tokens * self.throughput.flops_per_token(stats.seq_len),
+            "flops": self.throughput.step_flops(stats.tokens, stats.seq_len, stats.attended_pairs),
             **rate,
         }
         self._last_entry = entry

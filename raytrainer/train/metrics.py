@@ -1,9 +1,12 @@
 """Per-step metrics: loss, perplexity, grad norm, lr, tokens/s, MFU, memory.
 
-MFU = achieved training FLOP/s / (peak FLOP/s per device x world size), with the achieved FLOPs from
-`raytrainer.model.flops.flops_per_token` (6N + attention, PaLM's convention). The peak per device is
-`train.peak_flops` when set, else the bf16 dense peak of a known GPU (by its CUDA name), else, on a CPU, a
-float32 matmul rate measured once per process with the current thread count.
+MFU = achieved training FLOP/s / (peak FLOP/s per device x world size). The achieved FLOPs are 6N per token
+plus the attention work actually done: the (query, key) pairs inside each document
+(`raytrainer.model.flops.attended_pairs`), so document masking that skips most of the T x T square is not
+counted as work. `mfu_dense` is PaLM's convention (the full square, as published MFU figures count it).
+The peak per device is `train.peak_flops` when set, else a known GPU's dense tensor-core peak (by its CUDA
+name) for the dtype in use (bf16 and fp16 as listed, fp8 twice that, fp32 half of it: TF32), else, on a
+CPU, a matmul rate in the dtype in use, measured once per process with the current thread count.
 """
 
 from __future__ import annotations
@@ -49,9 +52,13 @@ def gpu_peak_flops(name: str) -> float | None:
     return None
 
 
+# The dense tensor-core peak of a dtype, relative to the bf16 figures above.
+DTYPE_PEAK_FACTOR = {"bf16": 1.0, "fp16": 1.0, "fp8": 2.0, "fp32": 0.5}
+
+
 @functools.cache
-def _cpu_matmul_peak(threads: int, size: int, repeats: int) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def _cpu_matmul_peak(threads: int, size: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm up the BLAS threads
     best = math.inf
     for _ in range(repeats):
@@ -61,10 +68,10 @@ def _cpu_matmul_peak(threads: int, size: int, repeats: int) -> float:
     return 2 * size**3 / best
 
 
-def cpu_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
-    """What this process's threads do in float32 matmuls: the CPU's practical peak. Measured once per
-    process and thread count (a few hundred milliseconds)."""
-    return _cpu_matmul_peak(torch.get_num_threads(), size, repeats)
+def cpu_matmul_peak(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """What this process's threads do in matmuls of `dtype`: the CPU's practical peak. Measured once per
+    process, thread count and dtype (a few hundred milliseconds)."""
+    return _cpu_matmul_peak(torch.get_num_threads(), size, repeats, dtype)
 
 
 def peak_flops(cfg: Config, device: torch.device | None = None) -> float:
@@ -75,10 +82,12 @@ def peak_flops(cfg: Config, device: torch.device | None = None) -> float:
         name = torch.cuda.get_device_name(device)
         flops = gpu_peak_flops(name)
         if flops is None:
-            raise ValueError(f"no peak FLOP/s known for GPU {name!r}: set train.peak_flops to its bf16 dense "
-                             "peak FLOP/s (e.g. train.peak_flops=312e12 for an A100) to get MFU")
-        return flops
-    return cpu_matmul_peak()
+            raise ValueError(f"no peak FLOP/s known for GPU {name!r}: set train.peak_flops to its dense peak "
+                             f"FLOP/s in {cfg.precision.dtype} (e.g. train.peak_flops=312e12 for an A100 in bf16) "
+                             "to get MFU")
+        return flops * DTYPE_PEAK_FACTOR[cfg.precision.dtype]
+    # A CPU has no fp8 matmul: fp8 layers run their matmuls in bf16 there.
+    return cpu_matmul_peak(dtype=torch.float32 if cfg.precision.dtype == "fp32" else torch.bfloat16)
 
 
 def memory_gb(device: torch.device | None = None) -> float:
@@ -124,18 +133,31 @@ class Throughput:
             self._peak = peak_flops(self.cfg, self.device)
         return self._peak
 
-    def update(self, tokens: int, seconds: float, seq_len: int | None = None) -> dict[str, float]:
-        """Rates for one step of `tokens` global tokens that took `seconds`."""
+    def step_flops(self, tokens: int, seq_len: int | None = None, attended_pairs: float = 0.0) -> float:
+        """Training FLOPs of a step: 6N per token plus the attention work done (PaLM's full square when the
+        attended pairs are not known)."""
+        from raytrainer.model.flops import attention_flops, matmul_flops_per_token
+
+        if not attended_pairs:
+            return tokens * self.flops_per_token(seq_len or self.cfg.train.seq_len)
+        return tokens * matmul_flops_per_token(self.cfg.model) + attention_flops(self.cfg.model, attended_pairs)
+
+    def update(self, tokens: int, seconds: float, seq_len: int | None = None,
+               attended_pairs: float = 0.0) -> dict[str, float]:
+        """Rates for one step of `tokens` global tokens that took `seconds`; `attended_pairs`: the global
+        (query, key) pairs its attention computed (0: unknown, the full square is counted)."""
         if seconds <= 0:
             return {}
         self.total_tokens += tokens
         self.total_seconds += seconds
         rate = tokens / seconds
-        achieved = rate * self.flops_per_token(seq_len or self.cfg.train.seq_len)
+        dense = rate * self.flops_per_token(seq_len or self.cfg.train.seq_len)
+        achieved = self.step_flops(tokens, seq_len, attended_pairs) / seconds
         return {
             "tokens_per_s": rate,
             "tokens_per_s_per_device": rate / self.world_size,
             "mfu": achieved / (self.peak * self.world_size),
+            "mfu_dense": dense / (self.peak * self.world_size),
             "step_time_s": seconds,
             "memory_gb": memory_gb(self.device),
         }
