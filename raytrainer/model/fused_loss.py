@@ -105,5 +105,5 @@ def chunked_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     objective, ce, lse = _ChunkedLinearCE.apply(flat, weight, flat_labels, float(scale), softcap,
                                                 float(label_smoothing), float(z_loss_weight), int(chunk_tokens))
     valid = flat_labels != IGNORE_INDEX
-    z = torch.where(valid, lse.pow(2), 0.0).sum()
+    z = torch.where(valid, lse.pow(2), 0.0).sum() if z_loss_weight > 0 else torch.zeros((), device=lse.device)
     return LossSums(objective=objective, ce=ce.sum(), z=z, count=valid.sum()), ce.reshape(labels.shape)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -18,34 +19,39 @@ IGNORE_INDEX = -100
 class LossSums:
     objective: torch.Tensor  # what is optimised: smoothed CE (+ z-loss term), summed over label tokens
     ce: torch.Tensor  # plain CE sum, detached, for logging
-    z: torch.Tensor  # sum of logsumexp(logits)^2, detached
+    z: torch.Tensor  # sum of logsumexp(logits)^2, detached (0 when the z-loss is off)
     count: torch.Tensor  # label tokens (int64)
 
 
 def token_loss_sums(
     logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, z_loss_weight: float = 0.0
 ) -> LossSums:
-    """logits [..., V], labels [...] with IGNORE_INDEX for ignored positions. Computed in fp32."""
+    """logits [..., V], labels [...] with IGNORE_INDEX for ignored positions. Computed in fp32. The plain
+    case is torch's fused cross-entropy (one log-softmax, its own backward); the logsumexp that smoothing and
+    the z-loss need is computed only when one of them is on."""
     logits = logits.float().reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
     valid = labels != IGNORE_INDEX
-    # no boolean indexing: keeps shapes static (no host sync, compile-friendly)
-    lse = torch.logsumexp(logits, dim=-1)
-    target_logit = logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
-    ce = lse - target_logit
-    objective = ce
-    if label_smoothing > 0:
-        # torch's definition: (1 - eps) * CE(target) + eps * mean over classes of CE(class)
-        uniform_ce = lse - logits.mean(dim=-1)
-        objective = (1 - label_smoothing) * ce + label_smoothing * uniform_ce
-    z = lse.pow(2)
-    if z_loss_weight > 0:
-        objective = objective + z_loss_weight * z
+    # reduction="none" keeps shapes static (no boolean indexing: no host sync, compile-friendly); ignored
+    # positions come out as 0
+    objective = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none",
+                                label_smoothing=label_smoothing)
     zero = torch.zeros((), device=logits.device)
+    z = zero
+    if label_smoothing > 0 or z_loss_weight > 0:
+        lse = torch.logsumexp(logits, dim=-1)
+    if z_loss_weight > 0:
+        z = torch.where(valid, lse.pow(2), zero)
+        objective = objective + z_loss_weight * z
+    if label_smoothing > 0:  # the objective is smoothed: the plain CE, for logging, without a graph
+        with torch.no_grad():
+            ce = torch.where(valid, lse - logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1), zero)
+    else:
+        ce = objective.detach() if z_loss_weight == 0 else (objective - z_loss_weight * z).detach()
     return LossSums(
         objective=torch.where(valid, objective, zero).sum(),
-        ce=torch.where(valid, ce, zero).sum().detach(),
-        z=torch.where(valid, z, zero).sum().detach(),
+        ce=ce.sum(),
+        z=z.detach().sum(),
         count=valid.sum(),
     )
 

@@ -1,0 +1,106 @@
+"""raytrainer's Transformer vs transformers' LlamaForCausalLM: training tokens/s at the same shapes, side by side.
+
+Both models are built in this process from one config (the peer offline, from its config: nothing is
+downloaded) and start from the same weights (the export mapping, raytrainer.hf.architecture), so their first
+losses must agree; then each trains with the same AdamW loop on the same random batches, in interleaved
+repeats (ours, theirs, ours, ...), and the median ratio of tokens/s is reported. Shapes: the one of the
+original comparison (d_model 256, 4 layers, 4 heads, ffn 688, vocab 8192, seq 512, batch 8) and a GQA one
+(8 heads, 2 kv heads). fp32, 2 threads, on the CPU. Writes bench/results/peer_model.json.
+
+    .venv/bin/python bench/peer_model.py [--repeats 5] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from raytrainer.config import ModelConfig  # noqa: E402
+from raytrainer.hf.architecture import hf_config, hf_state_dict  # noqa: E402
+from raytrainer.model import Transformer  # noqa: E402
+
+SHAPES = {
+    "mha": {"vocab_size": 8192, "d_model": 256, "n_layers": 4, "n_heads": 4, "ffn_hidden": 688, "max_seq_len": 512},
+    "gqa": {"vocab_size": 8192, "d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2, "ffn_hidden": 688,
+            "max_seq_len": 512},
+}
+SEQ, BATCH = 512, 8
+
+
+def build(shape: dict) -> tuple[torch.nn.Module, torch.nn.Module, ModelConfig]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = ModelConfig(**shape, qk_norm=False)
+    torch.manual_seed(0)
+    ours = Transformer(cfg)
+    config = {k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type", "dtype")}
+    theirs = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa"))
+    theirs.load_state_dict(hf_state_dict(ours.state_dict(), cfg.tie_embeddings), strict=False)
+    return ours, theirs, cfg
+
+
+def loss_of(model: torch.nn.Module, ids: torch.Tensor, ours: bool) -> torch.Tensor:
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    if ours:
+        return model(ids, labels=labels).loss
+    # HF shifts the labels itself: hand it the inputs as labels, so both predict the same next tokens.
+    return model(input_ids=ids, labels=ids).loss
+
+
+def train(model: torch.nn.Module, batches: list[torch.Tensor], ours: bool) -> float:
+    """Tokens/s over the batches, one AdamW step each."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    t0 = time.perf_counter()
+    for ids in batches:
+        loss_of(model, ids, ours).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return sum(b.numel() for b in batches) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="training steps per timed repeat")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    result = {}
+    for name, shape in SHAPES.items():
+        ours, theirs, cfg = build(shape)
+        gen = torch.Generator().manual_seed(1)
+        batches = [torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=gen) for _ in range(args.steps)]
+        with torch.no_grad():
+            first = (float(loss_of(ours, batches[0], True)), float(loss_of(theirs, batches[0], False)))
+        train(ours, batches[:1], True)  # warm up both (allocator, threads)
+        train(theirs, batches[:1], False)
+        ratios, rates = [], {"ours": [], "theirs": []}
+        for _ in range(args.repeats):
+            a = train(ours, batches, True)
+            b = train(theirs, batches, False)
+            rates["ours"].append(a)
+            rates["theirs"].append(b)
+            ratios.append(a / b)
+        result[name] = {"shape": shape, "seq": SEQ, "batch": BATCH, "first_loss": first,
+                        "same_first_loss": abs(first[0] - first[1]) < 1e-4 * abs(first[1]),
+                        "tokens_per_s": {k: round(statistics.median(v)) for k, v in rates.items()},
+                        "ratios": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3)}
+        print(f"{name}: ours/theirs tokens/s {result[name]['median_ratio']} (median of {args.repeats}: "
+              f"{result[name]['ratios']}); first loss {first[0]:.5f} vs {first[1]:.5f}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "peer_model.json").write_text(json.dumps(result, indent=2))
+    print("peer_model: " + ", ".join(f"{k} {v['median_ratio']}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()
