@@ -139,9 +139,9 @@ def run_sweep(preset: str, overrides: list[str], space: Space, samples: int, gri
 
     base = absolute_local_paths(load_config(preset, overrides))
     overrides = [*overrides, f"data.path={base.data.path}"]
-    validate_data_config(base.data, model_vocab_size=base.model.vocab_size)  # a missing dataset: named once, here
     for corner in space.corners():  # a width the heads do not divide, say: named now, not in a failed trial
         trial_config(preset, overrides, corner, storage, "probe")
+    validate_data_config(base.data, model_vocab_size=base.model.vocab_size)  # a missing dataset: named once, here
     steps = base.train.steps
     if not 0 < grace <= steps:
         raise ConfigError(f"--grace {grace}: must be between 1 and train.steps={steps}")

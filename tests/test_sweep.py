@@ -34,6 +34,9 @@ def test_a_width_the_heads_do_not_divide_is_named_before_any_trial(tmp_path):
         run_sweep("tiny", [*MICRO, f"data.path={tmp_path}"], Space.parse("1e-3,3e-3", None, "64,66"), 4, True, 5,
                   str(tmp_path / "runs"), "bad")
     assert not (tmp_path / "runs").exists()
+    with pytest.raises(ValueError, match=f"{tmp_path}/manifest.json: not found"):  # no dataset there
+        run_sweep("tiny", [*MICRO, f"data.path={tmp_path}"], Space.parse("1e-3,3e-3", None, "64"), 4, True, 5,
+                  str(tmp_path / "runs"), "nodata")
 
 
 @pytest.mark.slow
