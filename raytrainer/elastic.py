@@ -117,6 +117,8 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
         # restarting), and also when Ray's reservations for the next group do not list the node at all (then
         # only the label selector keeps a worker off its free slot).
         self.excluded: set[str] = set()
+        # Workers Ray's reservation holds on nodes the run leaves out (see _get_num_workers_for_resource_request).
+        self.held_back = 0
 
     def _live(self, node_ids: frozenset[str]) -> set[str]:
         now = time.monotonic()
@@ -140,7 +142,15 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
             log.warning("node(s) %s are gone, being drained, or excluded by the guardian; sizing the worker group "
                         "without them", ", ".join(sorted(lost - self.lost_nodes)))
         self.lost_nodes = lost | self.excluded
+        self.held_back = super()._count_possible_workers({n: r for n, r in reserved_resources.items() if n in lost})
         return super()._count_possible_workers({n: r for n, r in reserved_resources.items() if n in live})
+
+    def _get_num_workers_for_resource_request(self) -> int:
+        # Ray reserves max_workers' worth on nodes of its own choosing, and an excluded or draining node with
+        # room is chosen again and again: a run could wait forever beside a free node it may use. Asking for
+        # as many more as those nodes hold lets the reservation reach the others (on an autoscaling cluster,
+        # new ones).
+        return self.scaling_config.max_workers + self.held_back
 
     def excluded_nodes(self) -> set[str]:
         """The nodes the run's guardian excluded (none when it cannot be asked: the run must go on)."""

@@ -93,8 +93,12 @@ def test_nodes_the_guardian_excluded_are_left_out_like_lost_ones(monkeypatch):
         assert policy._count_possible_workers({n["NodeID"]: slot for n in nodes}) == 1 and asked
         selector = policy.on_controller_start_worker_group(scaling_config=elastic_scaling(), num_workers=1)
         assert selector == {elastic.NODE_ID_LABEL: f"!in({'b' * 56})"}
+        # The reservation holds a worker's room on the excluded node: the next request asks for one more, so that
+        # Ray's reservation can reach a node the run may use.
+        assert policy._get_num_workers_for_resource_request() == elastic_scaling().max_workers + 1
         # Ray's reservations for the next group may not list the excluded node: its free slot is still kept out.
         assert policy._count_possible_workers({"a" * 56: slot}) == 1
+        assert policy._get_num_workers_for_resource_request() == elastic_scaling().max_workers
         selector = policy.on_controller_start_worker_group(scaling_config=elastic_scaling(), num_workers=1)
         assert selector == {elastic.NODE_ID_LABEL: f"!in({'b' * 56})"}
         # The guardian cannot be asked (it is restarting): what it excluded stays excluded ...
