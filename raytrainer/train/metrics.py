@@ -58,19 +58,30 @@ DTYPE_PEAK_FACTOR = {"bf16": 1.0, "fp16": 1.0, "fp8": 2.0, "fp32": 0.5}
 
 @functools.cache
 def _cpu_matmul_peak(threads: int, size: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm up the BLAS threads
+    # Grow the matrices until one product takes ~10 ms, up to `size`: a dtype the CPU multiplies slowly
+    # (bf16 without native support: ~1 GFLOP/s against ~100 in fp32) is measured in a fraction of a second,
+    # not the seconds a 1024-square product takes there, in every process that starts a run.
+    n = min(128, size)
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm up the BLAS threads
+        t0 = time.perf_counter()
+        a @ b
+        if time.perf_counter() - t0 >= 0.01 or n >= size:
+            break
+        n = min(2 * n, size)
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
+    return 2 * n**3 / best
 
 
 def cpu_matmul_peak(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """What this process's threads do in matmuls of `dtype`: the CPU's practical peak. Measured once per
-    process, thread count and dtype (a few hundred milliseconds)."""
+    """What this process's threads do in matmuls of `dtype`: the CPU's practical peak, from products of up to
+    `size` squared, as large as takes ~10 ms each. Measured once per process, thread count and dtype (well
+    under a second)."""
     return _cpu_matmul_peak(torch.get_num_threads(), size, repeats, dtype)
 
 
