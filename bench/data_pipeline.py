@@ -122,24 +122,26 @@ def packing_efficiency(dataset: str, seq_len: int) -> dict:
     import numpy as np
 
     from raytrainer.config import load_config
-    from raytrainer.data.index import load_index
+    from raytrainer.data.fs import open_storage
     from raytrainer.data.manifest import Manifest
     from raytrainer.data.objectives import Objective
     from raytrainer.data.packing import DOC, END, START
     from raytrainer.data.plan import Planner
+    from raytrainer.data.shard_table import ParquetColumns, ShardTable
 
     rows = 64
     cfg = load_config("tiny", [f"train.seq_len={seq_len}", f"train.global_batch_tokens={seq_len * rows}",
                                f"model.max_seq_len={seq_len}"])
     manifest = Manifest.load(dataset)
-    index = load_index(dataset, manifest=manifest)
-    planner = Planner(index, cfg, Objective.from_config(cfg.data, cfg.train.seed, manifest.tokenizer))
+    table, columns = ShardTable.from_manifest(manifest), ParquetColumns(open_storage(dataset), manifest)
+    length = np.concatenate([columns.read(i).length for i in range(len(table))])  # by document id
+    planner = Planner(table, columns, cfg, Objective.from_config(cfg.data, cfg.train.seed, manifest.tokenizer))
     batches = max(1, manifest.num_tokens // (seq_len * rows))
     positions = real = labelled = 0
     split_docs, started_docs = set(), set()
     for _ in range(batches):
         segments = planner.next_batch().segments
-        lengths = index.length[index.positions(segments[:, DOC])]
+        lengths = length[segments[:, DOC]]
         covered = int((segments[:, END] - segments[:, START]).sum())
         positions += seq_len * rows
         real += covered
@@ -149,7 +151,7 @@ def packing_efficiency(dataset: str, seq_len: int) -> dict:
     return {"seq_len": seq_len, "global_batches": batches, "real_token_share": real / positions,
             "label_share": labelled / positions, "documents": len(started_docs),
             "documents_cut_across_rows": len(split_docs & started_docs) / max(1, len(started_docs)),
-            "mean_document_tokens": float(np.mean(index.length))}
+            "mean_document_tokens": float(np.mean(length))}
 
 
 def main() -> None:

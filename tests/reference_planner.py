@@ -1,5 +1,5 @@
 """The window plan's specification in the plainest code: every document's columns in memory, each epoch's whole
-order written out, no windows read ahead, no positions to find. raytrainer.data.window_plan must give the same
+order written out, no windows read ahead, no positions to find. raytrainer.data.plan must give the same
 global batches."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 from raytrainer.config import Config
 from raytrainer.data.manifest import DataError
 from raytrainer.data.objectives import Objective
+from raytrainer.data.order import shard_order, window_order
 from raytrainer.data.packing import Piece, fill_rows
-from raytrainer.data.plan import PlannedBatch, phase_index, stream_weights
+from raytrainer.data.plan import PlannedBatch, phase_index, stream_tokens, stream_weights
 from raytrainer.data.shard_table import ColumnSource, ShardTable
-from raytrainer.data.window_plan import shard_order, stream_tokens, window_order
 
 
 class ReferencePlanner:

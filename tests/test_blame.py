@@ -172,8 +172,8 @@ def junk_position(dataset, seed: int, steps: int) -> tuple[int, int, float] | No
 
     cfg = micro_config(dataset, "unused", steps=steps, extra=[f"train.seed={seed}"])
     feed = DataFeed(cfg, str(dataset), use_ray=False)
-    junk = int(feed.index.doc_id[[s for s, (src, _) in enumerate(feed.index.streams) if src == "junk"][0]
-                                 == feed.index.stream][0])
+    junk_stream = next(k for k, (source, _) in enumerate(feed.table.streams) if source == "junk")
+    junk = int(feed.table.first_doc[np.flatnonzero(feed.table.stream == junk_stream)[0]])
     for step in range(steps):
         feed.next_step()
         seg = feed.last_plan.segments

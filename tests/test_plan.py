@@ -15,11 +15,13 @@ from datasets import Doc, config, random_docs, write_dataset
 from raytrainer.config import Phase
 from raytrainer.data.cursor import Cursor, merge_ranges
 from raytrainer.data.feed import DataFeed
-from raytrainer.data.index import load_index
+from raytrainer.data.fs import open_storage
 from raytrainer.data.manifest import DataError, Manifest
 from raytrainer.data.objectives import Objective
+from raytrainer.data.order import epoch_layout, load_window
 from raytrainer.data.packing import DOC, END, START
-from raytrainer.data.plan import Planner, epoch_order
+from raytrainer.data.plan import Planner
+from raytrainer.data.shard_table import ParquetColumns, ShardTable
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +37,27 @@ def dataset(tmp_path_factory):
 
 def planner(root, cfg, cursor=None) -> Planner:
     manifest = Manifest.load(str(root))
-    index = load_index(str(root), manifest=manifest)
     objective = Objective.from_config(cfg.data, cfg.train.seed, manifest.tokenizer)
-    return Planner(index, cfg, objective, None if cursor is None else Cursor.from_dict(cursor))
+    return Planner(ShardTable.from_manifest(manifest), ParquetColumns(open_storage(str(root)), manifest), cfg,
+                   objective, None if cursor is None else Cursor.from_dict(cursor))
+
+
+class Docs:
+    """Every document's source, bucket, shard, length and quality, by id (for checking what the plan drew)."""
+
+    def __init__(self, root):
+        manifest = Manifest.load(str(root))
+        columns = ParquetColumns(open_storage(str(root)), manifest)
+        self.table = ShardTable.from_manifest(manifest)
+        parts = [columns.read(i) for i in range(len(self.table))]
+        self.length = np.concatenate([p.length for p in parts])
+        self.quality = np.concatenate([p.quality for p in parts])
+        self.shard = np.repeat(np.arange(len(self.table)), self.table.num_docs)
+        self.stream = self.table.stream[self.shard]
+        self.source = np.array([self.table.streams[k][0] for k in self.stream])
+
+    def of_stream(self, source: str, bucket: str) -> list[int]:
+        return np.flatnonzero(self.stream == self.table.streams.index((source, bucket))).tolist()
 
 
 def plan(root, cfg, n, cursor=None):
@@ -107,11 +127,11 @@ def test_small_dataset_wraps_epochs_and_each_epoch_visits_every_document_once(tm
     root = write_dataset(tmp_path / "ds", {"web": random_docs(rng, 30, mean_length=40, max_length=120)},
                          docs_per_shard=7)
     cfg = config(seq_len=32, global_batch_tokens=32 * 4, epoch_warning=2)
-    index = load_index(str(root))
+    docs = Docs(root)
     with caplog.at_level(logging.WARNING, logger="raytrainer.data.plan"):
         batches, p = plan(root, cfg, 80)
     starts = [int(s[DOC]) for b in batches for s in b.segments if s[START] == 0]
-    short = [int(d) for d in index.doc_id[index.stream == index.streams.index(("web", "short"))]]
+    short = docs.of_stream("web", "short")
     n = len(short)
     assert p.epochs()["web"] > 3
     # Only the "short" stream exists here (every document <= 512 tokens): each epoch is a permutation.
@@ -121,16 +141,21 @@ def test_small_dataset_wraps_epochs_and_each_epoch_visits_every_document_once(tm
 
 
 def test_windowed_shuffle_is_a_permutation_that_keeps_windows_together(dataset):
-    index = load_index(str(dataset))
-    stream = index.streams.index(("web", "short"))
-    everything = np.flatnonzero(index.stream == stream)
+    docs = Docs(dataset)
+    manifest = Manifest.load(str(dataset))
+    columns = ParquetColumns(open_storage(str(dataset)), manifest)
+    stream = docs.table.streams.index(("web", "short"))
+
+    def epoch(window_shards: int, number: int = 0) -> np.ndarray:
+        layout = epoch_layout(docs.table, stream, 1, number, window_shards)
+        return np.concatenate([load_window(docs.table, columns, layout, stream, 1, number, w).doc_id
+                               for w in range(len(layout.starts) - 1)])
+
     for window in (1, 2, 16):
-        order = epoch_order(index, stream, seed=1, epoch=0, window_shards=window)
-        assert sorted(order.tolist()) == everything.tolist()
-    order = epoch_order(index, stream, seed=1, epoch=0, window_shards=1)
-    shards = index.shard[order]
+        assert sorted(epoch(window).tolist()) == docs.of_stream("web", "short")
+    shards = docs.shard[epoch(1)]
     assert (np.diff(shards) != 0).sum() == len(np.unique(shards)) - 1  # one shard after another
-    assert not np.array_equal(order, epoch_order(index, stream, seed=1, epoch=1, window_shards=1))
+    assert not np.array_equal(epoch(1), epoch(1, number=1))
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -153,51 +178,48 @@ def test_phase_switch_changes_seq_len_rows_weights_and_filters(dataset):
     batches, p = plan(dataset, cfg, 30)
     assert [(b.seq_len, b.n_rows, b.phase) for b in batches[:6]] == [(64, 8, 0)] * 6
     assert [(b.seq_len, b.n_rows, b.phase) for b in batches[6:]] == [(128, 4, 1)] * 24
-    index = load_index(str(dataset))
+    docs = Docs(dataset)
     docs_after = [int(s[DOC]) for b in batches[7:] for s in b.segments if s[START] == 0]
-    positions = index.positions(docs_after)
-    assert (index.length[positions] <= 200).all()
-    assert {index.streams[s][0] for s in index.stream[positions]} == {"web"}
+    assert (docs.length[docs_after] <= 200).all()
+    assert set(docs.source[docs_after]) == {"web"}
     feed = DataFeed(cfg, str(dataset), use_ray=False)
     shapes = [feed.next_step()[0]["input_ids"].shape for _ in range(8)]
     assert shapes[5] == (2, 64) and shapes[6] == (2, 128)
 
 
-def token_shares(batches, index) -> dict[str, float]:
+def token_shares(batches, docs: Docs) -> dict[str, float]:
     tokens: dict[str, int] = {}
     for b in batches:
-        pos = index.positions(b.segments[:, DOC])
-        for p, seg in zip(pos, b.segments, strict=True):
-            source = index.streams[index.stream[p]][0]
+        for seg in b.segments:
+            source = str(docs.source[seg[DOC]])
             tokens[source] = tokens.get(source, 0) + int(seg[END] - seg[START])
     total = sum(tokens.values())
     return {k: v / total for k, v in tokens.items()}
 
 
 def test_mixture_follows_source_weights_and_defaults_to_token_proportions(dataset):
-    index = load_index(str(dataset))
+    docs = Docs(dataset)
     weighted = config(seq_len=64, global_batch_tokens=1024,
                       phases=[Phase(source_weights={"web": 3, "books": 1, "code": 0})])
-    shares = token_shares(plan(dataset, weighted, 60)[0], index)
+    shares = token_shares(plan(dataset, weighted, 60)[0], docs)
     assert abs(shares["web"] - 0.75) < 0.03 and abs(shares["books"] - 0.25) < 0.03 and "code" not in shares
-    source_of = np.array([index.streams[k][0] for k in index.stream])
-    natural = {s: index.length[source_of == s].sum() for s in ("web", "books", "code")}
+    natural = {s: docs.length[docs.source == s].sum() for s in ("web", "books", "code")}
     total = sum(natural.values())
-    shares = token_shares(plan(dataset, config(seq_len=64, global_batch_tokens=1024), 50)[0], index)
+    shares = token_shares(plan(dataset, config(seq_len=64, global_batch_tokens=1024), 50)[0], docs)
     for s, n in natural.items():
         assert abs(shares[s] - n / total) < 0.04
     buckets = config(seq_len=64, global_batch_tokens=1024, phases=[Phase(bucket_weights={"short": 1})])
-    docs = [int(s[DOC]) for b in plan(dataset, buckets, 40)[0][1:] for s in b.segments if s[START] == 0]
-    assert (index.length[index.positions(docs)] <= 512).all()
+    drawn = [int(s[DOC]) for b in plan(dataset, buckets, 40)[0][1:] for s in b.segments if s[START] == 0]
+    assert (docs.length[drawn] <= 512).all()
 
 
 def test_filters_drop_long_and_low_quality_documents_but_keep_unscored_ones(dataset):
-    index = load_index(str(dataset))
+    docs = Docs(dataset)
     cfg = config(phases=[Phase(max_doc_tokens=300, min_quality=0.5)])
     batches, _ = plan(dataset, cfg, 60)
-    docs = index.positions([int(s[DOC]) for b in batches for s in b.segments])
-    assert (index.length[docs] <= 300).all()
-    quality = index.quality[docs]
+    drawn = [int(s[DOC]) for b in batches for s in b.segments]
+    assert (docs.length[drawn] <= 300).all()
+    quality = docs.quality[drawn]
     assert (np.isnan(quality) | (quality >= 0.5)).all() and np.isnan(quality).any()
 
 
@@ -270,24 +292,25 @@ def test_rollback_rebuilds_the_feed_from_an_old_cursor_and_applies_skips(dataset
         assert all(np.array_equal(g[0][k], want[0][k]) for k in g[0])
 
 
-def test_unreadable_shard_fails_naming_the_file_or_is_skipped_with_a_count(tmp_path, caplog):
+def test_unreadable_shard_fails_naming_the_file_or_is_left_out(tmp_path, caplog):
     rng = np.random.default_rng(2)
     root = write_dataset(tmp_path / "ds", {"web": random_docs(rng, 60, mean_length=100)}, docs_per_shard=20)
     manifest = Manifest.load(str(root))
     broken = manifest.shards[1].path
     (root / broken).write_bytes(b"not parquet at all")
+    # The plan reads a shard's columns when it reaches the shard's window (here the first: all shards).
     with pytest.raises(DataError, match=rf"shard .*{broken}: cannot be read.*on_bad_shard=skip"):
-        DataFeed(config(), str(root), use_ray=False)
+        DataFeed(config(), str(root), use_ray=False).next_step()
     cfg = config(on_bad_shard="skip")
-    with caplog.at_level(logging.WARNING, logger="raytrainer.data.index"):
-        feed = DataFeed(cfg, str(root), use_ray=False)
+    feed = DataFeed(cfg, str(root), use_ray=False)
+    with caplog.at_level(logging.WARNING, logger="raytrainer.data.shard_table"):
+        feed.next_step()
     assert feed.dropped_shards == (broken,)
-    assert any("dropped 1 of" in r.message for r in caplog.records)
-    index = feed.index
-    assert 1 not in set(index.shard.tolist())
+    assert sum(f"leaving out shard {root / broken}" in r.message for r in caplog.records) == 1
+    lost = range(int(feed.table.first_doc[1]), int(feed.table.first_doc[1]) + manifest.shards[1].num_docs)
     for _ in range(20):
         feed.next_step()
-        assert all(index.shard[index.positions([d])[0]] != 1 for d in feed.last_documents())
+        assert not set(feed.last_documents()) & set(lost)
 
 
 def test_malformed_cursor_is_rejected_with_what_is_wrong():

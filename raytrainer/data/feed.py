@@ -26,7 +26,7 @@ import torch
 
 from raytrainer.config import Config
 from raytrainer.data.cursor import Cursor
-from raytrainer.data.index import DocIndex, load_index
+from raytrainer.data.fs import open_storage
 from raytrainer.data.manifest import MANIFEST_NAME, Manifest
 from raytrainer.data.objectives import IGNORE, Objective
 from raytrainer.data.packing import ARRAY_KEYS, micro_batch_sizes
@@ -39,6 +39,7 @@ from raytrainer.data.pipeline import (
     step_work,
 )
 from raytrainer.data.plan import PlannedBatch, Planner
+from raytrainer.data.shard_table import ParquetColumns, ShardTable
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,12 @@ class DataFeed:
         self.rank = rank
         self.world_size = world_size
         manifest = Manifest.load(manifest_dir, cfg.data.s3)
-        self.index: DocIndex = load_index(manifest_dir, cfg.data.s3, cfg.data.on_bad_shard, manifest=manifest)
+        storage = open_storage(manifest_dir, cfg.data.s3)
+        self.table = ShardTable.from_manifest(manifest)
+        self.columns = ParquetColumns(storage, manifest, cfg.data.on_bad_shard)
         self.objective = Objective.from_config(cfg.data, cfg.train.seed, manifest.tokenizer,
-                                               where=f"{self.index.dataset}/{MANIFEST_NAME}")
-        self.spec = ReadSpec(dataset=self.index.dataset, s3=cfg.data.s3,
+                                               where=f"{storage.url}/{MANIFEST_NAME}")
+        self.spec = ReadSpec(dataset=storage.url, s3=cfg.data.s3,
                              shard_paths=tuple(s.path for s in manifest.shards), objective=self.objective,
                              vocab_size=manifest.vocab_size, cache_bytes=cache_bytes)
         if use_ray is None:
@@ -103,7 +106,7 @@ class DataFeed:
         return self._planner
 
     def _new_planner(self, cursor: Cursor | None) -> Planner:
-        return Planner(self.index, self.cfg, self.objective, cursor, warn_epochs=self.rank == 0)
+        return Planner(self.table, self.columns, self.cfg, self.objective, cursor, warn_epochs=self.rank == 0)
 
     def _micro_batches(self, item: StepData) -> list[dict[str, torch.Tensor]]:
         planned = item.planned
@@ -180,7 +183,8 @@ class DataFeed:
 
     @property
     def dropped_shards(self) -> tuple[str, ...]:
-        return self.index.dropped
+        """Shards left out as unreadable so far (data.on_bad_shard=skip; found as the plan reaches them)."""
+        return tuple(sorted(self.columns.dropped))
 
 
 def padding_micro_batch(seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:

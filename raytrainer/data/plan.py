@@ -1,27 +1,29 @@
-"""The global batch stream as a pure function of (dataset, seed, curriculum, global batch size in tokens).
+"""The global batch stream as a pure function of (manifest, seed, curriculum, global batch size in tokens),
+planned with memory that grows with the shards being read, not with the corpus.
 
-    planner = Planner(index, cfg, objective, cursor=None)
+    planner = Planner(table, columns, cfg, objective, cursor=None)   # ShardTable, ParquetColumns
     batch = planner.next_batch()     # PlannedBatch: global batch index, seq_len, rows as segments
     planner.cursor.to_dict()         # the position after it (JSON)
 
-Streams. Every (source, length bucket) pair is a stream. Each epoch of a stream visits all its documents
-in a seeded order: the stream's shards are shuffled, then the documents of each window of
-`data.shuffle_window_shards` consecutive shards are shuffled together (so a reader needs only that many
-shards of a stream at a time; with at least as many shards in the window as the stream has, this is a
-plain permutation). The order depends only on (seed, source, bucket, epoch). Documents that the active
-phase filters out (length > max_doc_tokens, quality < min_quality; a document without a quality score
-passes) or that are blacklisted are passed over where they would have been drawn.
+Streams. Every (source, length bucket) pair is a stream, read in the order `raytrainer.data.order` gives: its
+shards in a seeded order per epoch, documents shuffled within windows of `data.shuffle_window_shards` shards.
+Documents that the active phase filters out (length > max_doc_tokens, quality < min_quality; a document
+without a quality score passes), that are blacklisted, or that sit in a shard left out as unreadable
+(data.on_bad_shard=skip) are passed over where they would have been drawn. A cursor holds each stream's
+(epoch, position), so seeking to step 10^6 reads what seeking to step 10 reads: the windows at the cursor.
 
 Mixture. Phase weights give every stream a share: a source's share is its `source_weights` entry (or its
 token count when source_weights is empty; a source left out of a non-empty source_weights is not used),
-split among its buckets by `bucket_weights` (or by their token counts when empty); token counts are those
-that pass the phase's filters. The next document comes from the stream with the least tokens drawn in this
-phase per unit of share (ties: the first stream), a deterministic weighted interleave whose token shares
-stay within one document of the targets.
+split among its buckets by `bucket_weights` (or by their token counts when empty). Token counts are the
+manifest's: a stream's whole count, or none when the phase's max_doc_tokens is below its length bucket. The
+next document comes from the stream with the least tokens drawn in this phase per unit of share (ties: the
+first stream), a deterministic weighted interleave whose token shares stay within one document of the
+targets. A stream none of whose documents may be drawn is left out of the mixture, with a warning.
 
 Packing. Documents fill rows of seq_len tokens back to back (see `raytrainer.data.packing`); a document cut
 at a row end continues in the next row, which may be in the next global batch (or the next phase: a
-document already started is finished even if the new phase's filters would not have drawn it).
+document already started is finished even if the new phase's filters would not have drawn it). A batch is
+drawn and packed with vector operations (`_interleave`, `pack_rows`): the same rows `fill_rows` gives.
 
 Indices. Phases switch by global batch index: batch n uses the phase with the largest start_step <= n, its
 seq_len (Config.seq_len_at(n)) and Config.rows_per_global_batch(n) rows. A skipped batch [a, b) is planned
@@ -32,24 +34,23 @@ index differ by the number of batches skipped before it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from raytrainer.config import Config, Phase
-from raytrainer.data.cursor import Carry, Cursor, StreamPosition
-from raytrainer.data.index import DocIndex
+from raytrainer.data.cursor import Carry as CursorCarry
+from raytrainer.data.cursor import Cursor, StreamPosition
 from raytrainer.data.manifest import DataError
 from raytrainer.data.objectives import Objective
-from raytrainer.data.packing import Piece, fill_rows
+from raytrainer.data.order import Window, WindowReader
+from raytrainer.data.packing import DOC, END, ROW, SEGMENT_COLUMNS, SHARD, SHARD_ROW, START, Carry, Piece
+from raytrainer.data.shard_table import ColumnSource, ShardTable
 
 log = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
-_SCAN = 256  # permutation entries checked at once when passing over filtered documents
 
 
 @dataclass(frozen=True)
@@ -116,49 +117,124 @@ def stream_weights(phase: Phase, streams: tuple[tuple[str, str], ...], tokens: n
     return weights / weights.sum()
 
 
-def _stable_hash(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256("\0".join(map(str, parts)).encode()).digest()[:8], "little")
+@dataclass(frozen=True)
+class Drawn:
+    """Documents drawn (or about to be), in order, with the stream position after each."""
+
+    doc: np.ndarray  # int64
+    shard: np.ndarray
+    row: np.ndarray
+    length: np.ndarray  # int64, tokens as packed
+    epoch: np.ndarray  # the stream's epoch and position after the document
+    pos: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Drawn:
+        return cls(*(np.zeros(0, dtype=np.int64) for _ in range(6)))
+
+    @classmethod
+    def concat(cls, parts: list[Drawn]) -> Drawn:
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                     ("doc", "shard", "row", "length", "epoch", "pos")))
+
+    def take(self, index: np.ndarray) -> Drawn:
+        return Drawn(self.doc[index], self.shard[index], self.row[index], self.length[index], self.epoch[index],
+                     self.pos[index])
 
 
-def epoch_order(index: DocIndex, stream: int, seed: int, epoch: int, window_shards: int) -> np.ndarray:
-    """Index positions of a stream's documents in the order epoch `epoch` visits them."""
-    shards = index.stream_shards(stream)
-    if not shards:
-        return np.zeros(0, dtype=np.int64)
-    source, bucket = index.streams[stream]
-    rng = np.random.default_rng([seed & _MASK64, _stable_hash(source, bucket), epoch])
-    order = rng.permutation(len(shards))
-    windows = [rng.permutation(np.concatenate([shards[i] for i in order[w: w + window_shards]]))
-               for w in range(0, len(order), window_shards)]
-    order = np.concatenate(windows)
-    return order.astype(np.int32) if len(index) < 2**31 else order
+def _interleave(streams: dict[int, tuple[int, float, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The weighted interleave of the streams' upcoming documents: {stream: (tokens consumed, weight, lengths)}
+    -> (order into the streams' documents laid end to end in `streams` order, the stream of each in that
+    order). Before its i-th document a stream's score is (consumed + its first i lengths) / weight, the same
+    float the one-at-a-time rule compares; ties go to the lower stream, then the earlier document."""
+    scores, stream_ids, index = [], [], []
+    for k, (consumed, weight, lengths) in streams.items():
+        before = consumed + np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64)
+        scores.append(before.astype(np.float64) / weight)
+        stream_ids.append(np.full(len(lengths), k, dtype=np.int64))
+        index.append(np.arange(len(lengths)))
+    score, stream_id, i = np.concatenate(scores), np.concatenate(stream_ids), np.concatenate(index)
+    order = np.lexsort((i, stream_id, score))
+    return order, stream_id[order]
+
+
+def pack_rows(n_rows: int, seq_len: int, carry: Carry | None, drawn: Drawn
+              ) -> tuple[np.ndarray, tuple[Piece, int] | None]:
+    """raytrainer.data.packing.fill_rows for documents already drawn: the rest of `carry`, then `drawn`, laid
+    end to end into n_rows rows of seq_len tokens, each piece cut at row ends. Returns (segments, new carry)."""
+    budget = n_rows * seq_len
+    docs, shards, rows = drawn.doc, drawn.shard, drawn.row
+    starts, ends = np.zeros(len(docs), dtype=np.int64), drawn.length
+    if carry is not None:
+        piece, offset = carry
+        docs, shards, rows = (np.concatenate([[v], a]) for v, a in
+                              ((piece.doc, docs), (piece.shard, shards), (piece.shard_row, rows)))
+        starts, ends = np.concatenate([[offset], starts]), np.concatenate([[piece.length], ends])
+    sizes = ends - starts
+    at = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)  # where each piece starts in the batch
+    keep = at < budget
+    docs, shards, rows, starts, ends, sizes, at = (a[keep] for a in (docs, shards, rows, starts, ends, sizes, at))
+    take = np.minimum(sizes, budget - at)
+    first_row, last_row = at // seq_len, (at + take - 1) // seq_len
+    per_piece = last_row - first_row + 1
+    j = np.repeat(np.arange(len(docs)), per_piece)
+    row = first_row[j] + np.arange(len(j)) - np.repeat(np.cumsum(per_piece) - per_piece, per_piece)
+    begin = np.maximum(at[j], row * seq_len)
+    finish = np.minimum(at[j] + take[j], (row + 1) * seq_len)
+    segments = np.empty((len(j), SEGMENT_COLUMNS), dtype=np.int64)
+    segments[:, ROW], segments[:, DOC], segments[:, SHARD], segments[:, SHARD_ROW] = row, docs[j], shards[j], rows[j]
+    segments[:, START] = starts[j] + begin - at[j]
+    segments[:, END] = segments[:, START] + finish - begin
+    new_carry = None
+    if len(docs) and take[-1] < sizes[-1]:
+        new_carry = (Piece(int(docs[-1]), int(shards[-1]), int(rows[-1]), int(ends[-1])), int(starts[-1] + take[-1]))
+    return segments, new_carry
+
+
+def stream_tokens(table: ShardTable, phase: Phase) -> np.ndarray:
+    """Each stream's tokens under `phase`, from the manifest: all of them, or none when no document of the
+    stream's length bucket can be as short as max_doc_tokens."""
+    tokens = table.stream_tokens()
+    if phase.max_doc_tokens is not None:
+        for k in range(len(table.streams)):
+            if table.lowest_length(k) > phase.max_doc_tokens:
+                tokens[k] = 0
+    return tokens
 
 
 class Planner:
     """Plans global batches one after another from a cursor (or from the start)."""
 
-    def __init__(self, index: DocIndex, cfg: Config, objective: Objective, cursor: Cursor | None = None,
-                 warn_epochs: bool = True):
-        self.index = index
-        self.warn_epochs = warn_epochs  # every rank plans the same stream; one of them says so
+    def __init__(self, table: ShardTable, columns: ColumnSource, cfg: Config, objective: Objective,
+                 cursor: Cursor | None = None, warn_epochs: bool = True):
+        self.table = table
+        self.columns = columns
         self.cfg = cfg
         self.objective = objective
+        self.warn_epochs = warn_epochs
         self.seed = cfg.train.seed
         self.cursor = cursor.copy() if cursor is not None else Cursor(fingerprint=self.fingerprint)
         if self.cursor.fingerprint not in (None, self.fingerprint):
-            log.warning("data cursor was made for another dataset or seed (fingerprint %s, now %s): the "
-                        "stream continues from the saved positions but does not reproduce the original run",
+            log.warning("data cursor was made for another dataset or seed (fingerprint %s, now %s): the stream "
+                        "continues from the saved positions but does not reproduce the original run",
                         self.cursor.fingerprint, self.fingerprint)
             self.cursor.fingerprint = self.fingerprint
-        for key in index.streams:
+        for key in table.streams:
             self.cursor.streams.setdefault(key, StreamPosition())
-        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # stream -> (epoch, order)
-        self._setup: tuple[int, np.ndarray, np.ndarray] | None = None  # (phase, eligible, weights)
+        self._windows = WindowReader(table, columns, self.seed, cfg.data.shuffle_window_shards)
+        self._blacklist = np.array(self.cursor.blacklist, dtype=np.int64)
+        self._blacklist_version = 0
+        self._setup: tuple[int, np.ndarray] | None = None  # (phase, weights)
+        self._empty: tuple[tuple, set[int]] = ((), set())  # streams found without a drawable document
+        self._current: dict[int, tuple[tuple[int, int], Window]] = {}
         self._carry = self._restore_carry()
 
     @property
     def fingerprint(self) -> str:
-        return f"{self.index.fingerprint}-{self.seed & _MASK64:x}"
+        # "w": the windowed order; a cursor of the earlier whole-corpus order is told apart (and warned about)
+        return f"w{self.table.fingerprint}-{self.seed & _MASK64:x}"
 
     # ---- the stream
 
@@ -175,18 +251,19 @@ class Planner:
 
     def blacklist_documents(self, doc_ids: list[int]) -> None:
         self.cursor.add_blacklist(doc_ids)
+        self._blacklist = np.array(self.cursor.blacklist, dtype=np.int64)
+        self._blacklist_version += 1
         if self.cursor.carry is not None and self.cursor.carry.doc in set(self.cursor.blacklist):
             self.cursor.carry = None  # the rest of a blacklisted document is dropped too
             self._carry = None
-        self._setup = None
 
     def epochs(self) -> dict[str, float]:
         """Per source, passes made over its most-read bucket (2.5: half-way through the third pass)."""
+        sizes = self.table.stream_docs
         out: dict[str, float] = {}
-        for k, (source, bucket) in enumerate(self.index.streams):
+        for k, (source, bucket) in enumerate(self.table.streams):
             position = self.cursor.streams[(source, bucket)]
-            size = len(self._order(k, position.epoch))
-            done = position.epoch + (position.pos / size if size else 0.0)
+            done = position.epoch + (position.pos / sizes[k] if sizes[k] else 0.0)
             out[source] = max(out.get(source, 0.0), done)
         return out
 
@@ -199,53 +276,131 @@ class Planner:
             for position in self.cursor.streams.values():
                 position.consumed = 0  # each phase balances its own mixture from scratch
             self.cursor.phase = phase
-            self._setup = None
         seq_len, n_rows = self.cfg.seq_len_at(batch), self.cfg.rows_per_global_batch(batch)
-        segments, carry = fill_rows(n_rows, seq_len, self._next_piece, self._carry)
+        rest = 0 if self._carry is None else self._carry[0].length - self._carry[1]
+        drawn = self._draw_tokens(seq_len * n_rows - rest)
+        segments, carry = pack_rows(n_rows, seq_len, self._carry, drawn)
         self._carry = carry
-        self.cursor.carry = None if carry is None else Carry(carry[0].doc, carry[1], carry[0].length)
+        self.cursor.carry = None if carry is None else CursorCarry(carry[0].doc, carry[1], carry[0].length)
         self.cursor.batch += 1
         return PlannedBatch(batch=batch, step=self.cursor.step, phase=phase, seq_len=seq_len, n_rows=n_rows,
                             segments=segments)
 
-    def _next_piece(self) -> Piece:
-        _, eligible, weights = self._phase_setup()
-        keys = self.index.streams
-        # The stream furthest behind its share (first on ties). A handful of streams: plain Python beats
-        # numpy's per-call overhead, and this runs once per document.
-        stream, behind = 0, math.inf
-        for k, weight in enumerate(weights.tolist()):
-            if weight > 0:
-                score = self.cursor.streams[keys[k]].consumed / weight
-                if score < behind:
-                    stream, behind = k, score
-        p = self._draw(stream, eligible)
-        doc = int(self.index.doc_id[p])
-        length = int(self.index.length[p]) + self.objective.extra_tokens(doc)
-        self.cursor.streams[keys[stream]].consumed += length
-        return Piece(doc, int(self.index.shard[p]), int(self.index.row[p]), length)
+    def _weights(self) -> np.ndarray:
+        phase_i = self.cursor.phase
+        if self._setup is None or self._setup[0] != phase_i:
+            phase = self.cfg.data.phases[phase_i]
+            weights = stream_weights(phase, self.table.streams, stream_tokens(self.table, phase),
+                                     [b.name for b in self.table.buckets], where=f"data.phases[{phase_i}]")
+            self._setup = (phase_i, weights)
+        return self._setup[1]
 
-    def _draw(self, stream: int, eligible: np.ndarray) -> int:
-        position = self.cursor.streams[self.index.streams[stream]]
-        for _ in range(3):  # the rest of this epoch, then a whole one, always holds an eligible document
-            order = self._order(stream, position.epoch)
-            if position.pos < len(order) and eligible[order[position.pos]]:  # the usual case, without a scan
-                position.pos += 1
-                return int(order[position.pos - 1])
-            while position.pos < len(order):
-                window = order[position.pos: position.pos + _SCAN]
-                hits = np.flatnonzero(eligible[window])
-                if len(hits):
-                    position.pos += int(hits[0]) + 1
-                    return int(window[hits[0]])
-                position.pos += len(window)
-            position.epoch += 1
-            position.pos = 0
-            self._on_new_epoch(stream, position.epoch)
-        raise RuntimeError(f"stream {self.index.streams[stream]} has weight but no eligible document")
+    def _draw_tokens(self, need: int) -> Drawn:
+        """The fewest next documents of the mixture that hold `need` tokens, in the order the weighted interleave
+        draws them: each next document from the stream with the least tokens drawn per unit of share (the
+        first on ties). A stream's scores only grow, so that order is all streams' upcoming scores sorted, and
+        a batch is drawn with one sort instead of a decision per document."""
+        if need <= 0:
+            return Drawn.empty()
+        keys = self.table.streams
+        weights = self._weights()
+        key = (self.cursor.phase, self._blacklist_version)
+        if self._empty[0] != key:
+            self._empty = (key, set())
+        empty = self._empty[1]
+        mean_length = self.table.stream_tokens() / np.maximum(self.table.stream_docs, 1)
+        slack = 1.25
+        while True:
+            active = [k for k in range(len(weights)) if weights[k] > 0 and k not in empty]
+            if not active:
+                phase = self.cfg.data.phases[self.cursor.phase]
+                raise DataError(f"data.phases[{self.cursor.phase}]: no stream with a share of the mixture has a "
+                                f"document that passes the phase's filters (max_doc_tokens={phase.max_doc_tokens}, "
+                                f"min_quality={phase.min_quality}) and is not blacklisted; relax the filters")
+            share = weights[active] / weights[active].sum()
+            upcoming = {}
+            for k, w in zip(active, share, strict=True):
+                wanted = int(need * w / max(mean_length[k], 1.0) * slack) + 8
+                upcoming[k] = self._upcoming(k, wanted)
+                if upcoming[k] is None:
+                    empty.add(k)
+                    if self.warn_epochs:
+                        log.warning("data.phases[%d]: no document of source %r (bucket %r) passes the phase's "
+                                    "filters or the blacklist; it is left out of the mixture", self.cursor.phase,
+                                    *keys[k])
+            if any(u is None for u in upcoming.values()):
+                continue
+            order, stream_of = _interleave({k: (self.cursor.streams[keys[k]].consumed, weights[k], u.length)
+                                            for k, u in upcoming.items()})
+            lengths = np.concatenate([upcoming[k].length for k in active])[order]
+            total = np.cumsum(lengths)
+            n = int(np.searchsorted(total, need)) + 1  # the first prefix that holds `need` tokens
+            taken = np.bincount(stream_of[:n], minlength=len(weights))
+            if n > len(total) or any(taken[k] >= len(upcoming[k].length) for k in active):
+                slack *= 2  # a stream's upcoming documents ran out inside the batch: look further ahead
+                continue
+            for k in active:
+                if taken[k]:
+                    self._advance(k, upcoming[k], int(taken[k]))
+            drawn = Drawn.concat([upcoming[k] for k in active])
+            return drawn.take(order[:n])
+
+    def _advance(self, stream: int, upcoming: Drawn, n: int) -> None:
+        position = self.cursor.streams[self.table.streams[stream]]
+        epoch = int(upcoming.epoch[n - 1])
+        for e in range(position.epoch + 1, epoch + 1):
+            self._on_new_epoch(stream, e)
+        position.epoch, position.pos = epoch, int(upcoming.pos[n - 1])
+        position.consumed += int(upcoming.length[:n].sum())
+
+    def _upcoming(self, stream: int, n: int) -> Drawn | None:
+        """The stream's next n documents that may be drawn, from its position (which is not moved), or None when
+        none of its documents may be."""
+        position = self.cursor.streams[self.table.streams[stream]]
+        epoch, pos = position.epoch, position.pos
+        phase = self.cfg.data.phases[self.cursor.phase]
+        key = (self.cursor.phase, self._blacklist_version)
+        parts: list[Drawn] = []
+        got, passed_without_any, total = 0, 0, int(self.table.stream_docs[stream])
+        while got < n:
+            layout = self._windows.layout(stream, epoch)
+            if pos >= layout.size:
+                epoch, pos = epoch + 1, 0
+                continue
+            w = layout.window_of(pos)
+            window = self._window(stream, epoch, w)
+            first = int(layout.starts[w])
+            hits = np.flatnonzero(window.eligible(key, phase, self._blacklist)[pos - first:])[: n - got] + pos - first
+            if len(hits):
+                extra = self._extra_tokens(window.doc_id[hits])
+                parts.append(Drawn(window.doc_id[hits], window.shard[hits], window.row[hits],
+                                   window.length[hits].astype(np.int64) + extra, np.full(len(hits), epoch),
+                                   first + hits.astype(np.int64) + 1))
+                got += len(hits)
+                passed_without_any = 0
+            else:
+                passed_without_any += int(layout.starts[w + 1]) - pos
+                # Two epochs' length in a row always holds one whole epoch: no document of it may be drawn.
+                if passed_without_any >= 2 * total:
+                    return None
+            pos = int(layout.starts[w + 1])
+        return Drawn.concat(parts)
+
+    def _extra_tokens(self, doc_ids: np.ndarray) -> np.ndarray:
+        if self.objective.name != "fim":
+            return np.zeros(len(doc_ids), dtype=np.int64)
+        return np.fromiter((self.objective.extra_tokens(int(d)) for d in doc_ids), dtype=np.int64,
+                           count=len(doc_ids))
+
+    def _window(self, stream: int, epoch: int, w: int) -> Window:
+        """The window being read, kept at hand: asking the read-ahead for it again is only needed when it changes."""
+        current = self._current.get(stream)
+        if current is None or current[0] != (epoch, w):
+            current = self._current[stream] = ((epoch, w), self._windows.get(stream, epoch, w))
+        return current[1]
 
     def _on_new_epoch(self, stream: int, epoch: int) -> None:
-        source, bucket = self.index.streams[stream]
+        source, bucket = self.table.streams[stream]
         limit = self.cfg.data.epoch_warning
         # Said when the limit is passed, then at every doubling (a tiny source may cycle thousands of times).
         passes = epoch // limit
@@ -254,43 +409,22 @@ class Planner:
                         "data.epoch_warning=%d; its documents repeat — add data or lower its weight",
                         source, bucket, epoch, epoch + 1, limit)
 
-    def _order(self, stream: int, epoch: int) -> np.ndarray:
-        cached = self._orders.get(stream)
-        if cached is None or cached[0] != epoch:
-            order = epoch_order(self.index, stream, self.seed, epoch, self.cfg.data.shuffle_window_shards)
-            cached = self._orders[stream] = (epoch, order)
-        return cached[1]
-
-    def _phase_setup(self) -> tuple[int, np.ndarray, np.ndarray]:
-        phase_i = self.cursor.phase
-        if self._setup is not None and self._setup[0] == phase_i:
-            return self._setup
-        phase = self.cfg.data.phases[phase_i]
-        index = self.index
-        eligible = np.ones(len(index), dtype=bool)
-        if phase.max_doc_tokens is not None:
-            eligible &= index.length <= phase.max_doc_tokens
-        if phase.min_quality is not None:
-            eligible &= ~(index.quality < phase.min_quality)  # NaN (no score) passes
-        if self.cursor.blacklist:
-            eligible[index.positions(list(self.cursor.blacklist))] = False
-        tokens = np.bincount(index.stream, weights=np.where(eligible, index.length, 0),
-                             minlength=len(index.streams))
-        weights = stream_weights(phase, index.streams, tokens, index.manifest.bucket_names(),
-                                 where=f"data.phases[{phase_i}]")
-        self._setup = (phase_i, eligible, weights)
-        return self._setup
-
     def _restore_carry(self):
         carry = self.cursor.carry
         if carry is None:
             return None
-        found = self.index.positions([carry.doc])
-        p = int(found[0]) if len(found) else None
-        expected = None if p is None else int(self.index.length[p]) + self.objective.extra_tokens(carry.doc)
+        expected = shard = row = None
+        try:
+            found_shard, found_row = self.table.locate(np.array([carry.doc]))
+            shard, row = int(found_shard[0]), int(found_row[0])
+            columns = self.columns.read(shard)
+            if columns is not None:
+                expected = int(columns.length[row]) + self.objective.extra_tokens(carry.doc)
+        except KeyError:
+            pass
         if expected != carry.length or not 0 < carry.offset < carry.length or carry.doc in self.cursor.blacklist:
             log.warning("data cursor: the partly packed document %d (%d tokens) is not in this dataset as "
                         "recorded, or is blacklisted; continuing with the next document", carry.doc, carry.length)
             self.cursor.carry = None
             return None
-        return Piece(carry.doc, int(self.index.shard[p]), int(self.index.row[p]), carry.length), carry.offset
+        return Piece(carry.doc, shard, row, carry.length), carry.offset

@@ -5,8 +5,8 @@ and the planning columns of any shard read on demand.
     columns = ParquetColumns(storage, manifest)     # columns.read(shard) -> ShardColumns (length, quality)
     table, columns = synthetic_dataset(10**5, 10**4, seed=0)   # a 10^9-document manifest, no token data
 
-A document's id is the number of documents listed before its shard in the manifest plus its row, as in
-`raytrainer.data.index`, so ids, blacklists and cursors mean the same in both.
+A document's id is the number of documents listed before its shard in the manifest plus its row: stable
+when a shard is left out as unreadable, so blacklists stay valid.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The window planner: the same global batches as the plainest reference (random shard sizes, streams,
+"""The planner: the same global batches as the plainest reference (random shard sizes, streams,
 weights, phases, filters, skips and blacklists), cursors that round-trip anywhere, every world size seeing the
 same batches, unreadable shards, and a 10^9-document synthetic manifest planned deep into a run."""
 
@@ -21,8 +21,8 @@ from raytrainer.data.manifest import DataError, LengthBucket, Manifest
 from raytrainer.data.objectives import Objective
 from raytrainer.data.packing import DOC
 from raytrainer.data.pipeline import step_work
+from raytrainer.data.plan import Planner
 from raytrainer.data.shard_table import ParquetColumns, ShardTable, SyntheticColumns, synthetic_dataset
-from raytrainer.data.window_plan import WindowPlanner
 
 TOKENIZER = {"name": "byte", "eos_id": 256, "pad_id": 257}
 BUCKETS = (LengthBucket("short", 40), LengthBucket("long", None))
@@ -69,11 +69,11 @@ def scenarios(draw):
 
 @given(scenarios())
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_the_window_planner_equals_the_reference(scenario):
+def test_the_planner_equals_the_reference(scenario):
     table, cfg, skips, blacklist_at = scenario
     columns = SyntheticColumns(table, seed=3, mean_length=30)
     objective = Objective.from_config(cfg.data, cfg.train.seed, TOKENIZER)
-    ours, ref = WindowPlanner(table, columns, cfg, objective), ReferencePlanner(table, columns, cfg, objective)
+    ours, ref = Planner(table, columns, cfg, objective), ReferencePlanner(table, columns, cfg, objective)
     for start, n in skips:
         ours.skip_batches(start, start + n)
         ref.skip_batches(start, start + n)
@@ -92,7 +92,6 @@ def test_the_window_planner_equals_the_reference(scenario):
         got.append(ours.next_batch())
     assert same_batches(got, want)
     assert ours.epochs() == pytest.approx(ref.epochs())
-    ours.close()
 
 
 @given(scenarios(), st.integers(1, 10))
@@ -101,7 +100,7 @@ def test_a_cursor_saved_anywhere_continues_the_same_stream(scenario, at):
     table, cfg, skips, _ = scenario
     columns = SyntheticColumns(table, seed=3, mean_length=30)
     objective = Objective.from_config(cfg.data, cfg.train.seed, TOKENIZER)
-    whole = WindowPlanner(table, columns, cfg, objective)
+    whole = Planner(table, columns, cfg, objective)
     for start, n in skips:
         whole.skip_batches(start, start + n)
     saved = None
@@ -110,7 +109,7 @@ def test_a_cursor_saved_anywhere_continues_the_same_stream(scenario, at):
         if i == at:
             saved = whole.cursor.to_dict()
         batches.append(whole.next_batch())
-    resumed = WindowPlanner(table, columns, cfg, objective, Cursor.from_dict(saved))
+    resumed = Planner(table, columns, cfg, objective, Cursor.from_dict(saved))
     assert same_batches([resumed.next_batch() for _ in range(6)], batches[at:])
 
 
@@ -119,8 +118,8 @@ def test_every_world_size_sees_the_same_global_batches(world_size):
     table, columns = synthetic_dataset(200, 50, seed=1, sources=("web", "code"), buckets=BUCKETS, mean_length=30)
     cfg = config(seq_len=64, global_batch_tokens=64 * 32, phases=[Phase(), Phase(start_step=3, seq_len=32)])
     objective = Objective.from_config(cfg.data, cfg.train.seed, TOKENIZER)
-    reference = WindowPlanner(table, columns, cfg, objective)
-    ranks = [WindowPlanner(table, columns, cfg, objective) for _ in range(world_size)]  # one planner per rank
+    reference = Planner(table, columns, cfg, objective)
+    ranks = [Planner(table, columns, cfg, objective) for _ in range(world_size)]  # one planner per rank
     for _ in range(6):
         planned = reference.next_batch()
         rows = []
@@ -134,7 +133,7 @@ def test_every_world_size_sees_the_same_global_batches(world_size):
 def test_a_stream_no_document_of_which_passes_the_filters_is_named():
     table, columns = synthetic_dataset(8, 10, seed=1, sources=("web", "code"), mean_length=30)
     cfg = config(seq_len=32, global_batch_tokens=32 * 4, phases=[Phase(min_quality=2.0)])
-    planner = WindowPlanner(table, columns, cfg, Objective.from_config(cfg.data, 0, TOKENIZER))
+    planner = Planner(table, columns, cfg, Objective.from_config(cfg.data, 0, TOKENIZER))
     with pytest.raises(DataError, match=r"data.phases\[0\]: no stream .* min_quality=2.0"):
         planner.next_batch()
 
@@ -148,12 +147,12 @@ def test_an_unreadable_shard_fails_naming_it_or_is_left_out(tmp_path):
     table = ShardTable.from_manifest(manifest)
     cfg = config(seq_len=64, global_batch_tokens=64 * 8, shuffle_window_shards=2)
     objective = Objective.from_config(cfg.data, 0, manifest.tokenizer)
-    failing = WindowPlanner(table, ParquetColumns(open_storage(str(root)), manifest, "fail"), cfg, objective)
+    failing = Planner(table, ParquetColumns(open_storage(str(root)), manifest, "fail"), cfg, objective)
     with pytest.raises(DataError, match=f"shard .*{lost.path}: missing.*data.on_bad_shard=skip"):
         for _ in range(40):
             failing.next_batch()
     columns = ParquetColumns(open_storage(str(root)), manifest, "skip")
-    skipping = WindowPlanner(table, columns, cfg, objective)
+    skipping = Planner(table, columns, cfg, objective)
     drawn = {int(d) for _ in range(40) for d in skipping.next_batch().segments[:, DOC]}
     first = int(table.first_doc[2])
     assert drawn.isdisjoint(range(first, first + lost.num_docs)) and len(drawn) == 100
@@ -176,13 +175,12 @@ def test_a_billion_documents_plan_deep_into_a_run_in_flat_memory():
     timings = {}
     for name, cursor in (("start", None), ("deep", deep)):
         t0 = time.perf_counter()
-        planner = WindowPlanner(table, columns, cfg, objective, cursor)
+        planner = Planner(table, columns, cfg, objective, cursor)
         batch = planner.next_batch()
         timings[name] = time.perf_counter() - t0
         for rank in (0, 1023):
             work = step_work(batch, rank, 1024)
             assert work is None or work.n_rows <= batch.n_rows
-        planner.close()
     assert batch.batch == 10**6 and batch.segments[:, DOC].min() > 0
     assert timings["deep"] < 3 * timings["start"] + 1.0, timings
     grown_gb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**20
