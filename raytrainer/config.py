@@ -295,6 +295,8 @@ class DataConfig(Section):
     read_tasks: int = Field(1, gt=0)
     epoch_warning: int = Field(4, gt=0)  # warn when a source is repeated past this many epochs
     shuffle_window_shards: int = Field(16, gt=0)  # an epoch shuffles documents within windows of N shards
+    # A resumed run whose dataset's shards changed since it started is refused unless this is set.
+    allow_manifest_change: bool = False
     phases: list[Phase] = [Phase()]
     s3: S3Config = S3Config()
 

@@ -222,6 +222,19 @@ def check_branch(cfg: Config) -> None:
                  step)
 
 
+def check_dataset(cfg: Config, run_dir: Any) -> None:
+    """A resumed run trains on the shards it started with: a dataset prepared again under it is refused here,
+    naming the first shard that differs (data.allow_manifest_change=true goes on)."""
+    from raytrainer.data.manifest import DataError, Manifest
+    from raytrainer.data.run_record import check_dataset_unchanged
+
+    try:
+        check_dataset_unchanged(run_dir, Manifest.load(cfg.data.path, cfg.data.s3), cfg.data.path,
+                                allow=cfg.data.allow_manifest_change)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+
 def run(cfg: Config) -> dict:
     """Run (or resume) the job described by cfg on the current or a local Ray cluster."""
     from raytrainer.data.validate import validate_data_config
@@ -248,6 +261,7 @@ def run(cfg: Config) -> dict:
     if report.skipped:
         log.warning("data: skipping %d bad shards (data.on_bad_shard=skip): %s", len(report.skipped),
                     "; ".join(f"{s.path}: {s.reason}" for s in report.skipped[:5]))
+    check_dataset(cfg, run_dir)
     check_capacity(cfg, autoscaling=bool(cfg.run.address or os.environ.get("RAY_ADDRESS")))
     if cfg.guardian.enabled:
         guardian = start_guardian(cfg)
