@@ -148,8 +148,10 @@ def test_windowed_shuffle_is_a_permutation_that_keeps_windows_together(dataset):
 
     def epoch(window_shards: int, number: int = 0) -> np.ndarray:
         layout = epoch_layout(docs.table, stream, 1, number, window_shards)
-        return np.concatenate([load_window(docs.table, columns, layout, stream, 1, number, w).doc_id
-                               for w in range(len(layout.starts) - 1)])
+        windows = [load_window(docs.table, layout, stream, 1, number, w,
+                               [columns.read(int(s)) for s in layout.window_shard_ids(w)])
+                   for w in range(len(layout.starts) - 1)]
+        return np.concatenate([w.doc_id for w in windows])
 
     for window in (1, 2, 16):
         assert sorted(epoch(window).tolist()) == docs.of_stream("web", "short")

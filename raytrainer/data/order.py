@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -113,11 +114,10 @@ class Window:
         return self._eligible[1]
 
 
-def load_window(table: ShardTable, columns: ColumnSource, layout: EpochLayout, stream: int, seed: int, epoch: int,
-                window: int) -> Window:
+def load_window(table: ShardTable, layout: EpochLayout, stream: int, seed: int, epoch: int, window: int,
+                reads: list[ShardColumns | None]) -> Window:
+    """A window's documents in visiting order, from its shards' columns (None: a shard left out)."""
     shards = layout.window_shard_ids(window)
-    reads: list[ShardColumns | None] = [f.result() for f in [in_background(columns.read, int(s), name="plan-shard")
-                                                             for s in shards]]
     counts = table.num_docs[shards]
     n = int(counts.sum())
     shard = np.repeat(shards.astype(np.int32), counts)
@@ -138,13 +138,17 @@ def load_window(table: ShardTable, columns: ColumnSource, layout: EpochLayout, s
 
 
 class WindowReader:
-    """Per stream, the window being read and the next one, read ahead on daemon threads (the shards of a window
-    in parallel)."""
+    """Windows of a stream's epochs, built where they are needed from shard columns that are read ahead: when a
+    window is taken, its successor's shards start reading on daemon threads (in parallel). Columns stay cached
+    up to `cache_docs` documents, so a small corpus is read once however many epochs it is drawn for."""
 
-    def __init__(self, table: ShardTable, columns: ColumnSource, seed: int, window_shards: int):
+    def __init__(self, table: ShardTable, columns: ColumnSource, seed: int, window_shards: int,
+                 cache_docs: int = 1 << 23):
         self.table, self.columns, self.seed, self.window_shards = table, columns, seed, window_shards
+        self.cache_docs = cache_docs
         self._layouts: dict[tuple[int, int], EpochLayout] = {}
-        self._windows: dict[int, dict[tuple[int, int], Future]] = {}
+        self._reads: OrderedDict[int, Future] = OrderedDict()  # shard -> its columns, least recently used first
+        self._cached_docs = 0
         self._lock = threading.Lock()
 
     def layout(self, stream: int, epoch: int) -> EpochLayout:
@@ -158,23 +162,22 @@ class WindowReader:
         return layout
 
     def get(self, stream: int, epoch: int, window: int) -> Window:
-        wanted = self._submit(stream, epoch, window)
         layout = self.layout(stream, epoch)
+        reads = [self._read(int(s)) for s in layout.window_shard_ids(window)]
         following = (epoch, window + 1) if window + 1 < len(layout.starts) - 1 else (epoch + 1, 0)
-        self._submit(stream, *following)
-        with self._lock:  # only these two are kept
-            mine = self._windows[stream]
-            for key in [k for k in mine if k not in ((epoch, window), following)]:
-                mine.pop(key).cancel()
-        return wanted.result()
+        for s in self.layout(stream, following[0]).window_shard_ids(following[1]):
+            self._read(int(s))
+        return load_window(self.table, layout, stream, self.seed, epoch, window, [f.result() for f in reads])
 
-    def _submit(self, stream: int, epoch: int, window: int) -> Future:
+    def _read(self, shard: int) -> Future:
         with self._lock:
-            mine = self._windows.setdefault(stream, {})
-            future = mine.get((epoch, window))
-            if future is None:
-                future = mine[(epoch, window)] = in_background(self._load, stream, epoch, window)
+            future = self._reads.get(shard)
+            if future is not None:
+                self._reads.move_to_end(shard)
+                return future
+            future = self._reads[shard] = in_background(self.columns.read, shard, name="plan-shard")
+            self._cached_docs += int(self.table.num_docs[shard])
+            while self._cached_docs > self.cache_docs and len(self._reads) > 2 * self.window_shards:
+                old, _ = self._reads.popitem(last=False)
+                self._cached_docs -= int(self.table.num_docs[old])
         return future
-
-    def _load(self, stream: int, epoch: int, window: int) -> Window:
-        return load_window(self.table, self.columns, self.layout(stream, epoch), stream, self.seed, epoch, window)

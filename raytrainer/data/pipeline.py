@@ -419,12 +419,14 @@ class _Window:
             yield block
 
 
-def _plan_window(planner: Planner, rank: int, world_size: int, chunking: _Chunking, n_chunks: int
-                 ) -> tuple[list[_Step], list[list[StepWork]]]:
+def _plan_window(planner: Planner, rank: int, world_size: int, chunking: _Chunking, n_chunks: int,
+                 stop: threading.Event) -> tuple[list[_Step], list[list[StepWork]]]:
     steps, chunks, current, tokens = [], [], [], 0
     # Also bounds the steps of a window where this rank has no rows (nothing for Ray to make).
     max_steps = n_chunks * chunking.max_chunk_steps
     while len(chunks) < n_chunks and len(steps) < max_steps:
+        if stop.is_set():  # closing: the window will not be served, and close() waits for this thread
+            return [], []
         planned = planner.next_batch()
         work = step_work(planned, rank, world_size)
         rows = rank_rows(planned.n_rows, world_size, rank)
@@ -447,7 +449,7 @@ def _plan_window(planner: Planner, rank: int, world_size: int, chunking: _Chunki
 def _produce(planner: Planner, spec: ReadSpec, rank: int, world_size: int, chunking: _Chunking,
              q: queue.Queue, stop: threading.Event, windows: list[_Window]) -> None:
     def launch(n_chunks: int) -> _Window:
-        window = _Window(*_plan_window(planner, rank, world_size, chunking, n_chunks), spec, chunking, stop)
+        window = _Window(*_plan_window(planner, rank, world_size, chunking, n_chunks, stop), spec, chunking, stop)
         windows[:] = [w for w in windows if w._thread.is_alive()] + [window]
         return window
 

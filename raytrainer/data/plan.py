@@ -320,7 +320,7 @@ class Planner:
             share = weights[active] / weights[active].sum()
             upcoming = {}
             for k, w in zip(active, share, strict=True):
-                wanted = int(need * w / max(mean_length[k], 1.0) * slack) + 8
+                wanted = int(need * w / max(mean_length[k], 1.0) * slack) + 2
                 upcoming[k] = self._upcoming(k, wanted)
                 if upcoming[k] is None:
                     empty.add(k)
