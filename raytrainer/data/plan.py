@@ -217,8 +217,9 @@ class Planner:
         self.seed = cfg.train.seed
         self.cursor = cursor.copy() if cursor is not None else Cursor(fingerprint=self.fingerprint)
         if self.cursor.fingerprint not in (None, self.fingerprint):
-            log.warning("data cursor was made for another dataset or seed (fingerprint %s, now %s): the stream "
-                        "continues from the saved positions but does not reproduce the original run",
+            log.warning("data cursor was made for another dataset or seed, or by an earlier data order (fingerprint "
+                        "%s, now %s): the stream continues from the saved positions but does not reproduce the "
+                        "original run",
                         self.cursor.fingerprint, self.fingerprint)
             self.cursor.fingerprint = self.fingerprint
         for key in table.streams:
