@@ -230,6 +230,7 @@ class Planner:
         self._setup: tuple[int, np.ndarray] | None = None  # (phase, weights)
         self._empty: tuple[tuple, set[int]] = ((), set())  # streams found without a drawable document
         self._current: dict[int, tuple[tuple[int, int], Window]] = {}
+        self._mean_length = table.stream_tokens() / np.maximum(table.stream_docs, 1)  # tokens per document
         self._carry = self._restore_carry()
 
     @property
@@ -309,7 +310,7 @@ class Planner:
         if self._empty[0] != key:
             self._empty = (key, set())
         empty = self._empty[1]
-        mean_length = self.table.stream_tokens() / np.maximum(self.table.stream_docs, 1)
+        mean_length = self._mean_length
         slack = 1.25
         while True:
             active = [k for k in range(len(weights)) if weights[k] > 0 and k not in empty]
