@@ -80,10 +80,11 @@ class BareLoop:
 
 class EngineLoop:
     def __init__(self, cfg, model):
-        from raytrainer.train.engine import StepEngine, prepare_model
+        from raytrainer.train.engine import StepEngine
+        from raytrainer.train.parallelize import parallelize
         from raytrainer.train.strategy import SingleProcess
 
-        self.strategy = SingleProcess(cfg, prepare_model(model, cfg))
+        self.strategy = SingleProcess(cfg, parallelize(model, cfg))
         self.engine = StepEngine(self.strategy.model, cfg, self.strategy)
         self.next_step = 0
 

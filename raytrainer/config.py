@@ -339,6 +339,9 @@ class ParallelConfig(Section):
     worker_start_timeout_s: float = Field(600.0, gt=0)
     worker_restart_timeout_s: float = Field(30.0, gt=0)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # Tensor (+ sequence) parallel degree: each group of tp consecutive ranks holds one copy of the model split
+    # across them and trains on the same rows; data parallelism takes the rest of the world.
+    tp: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check_range(self) -> ParallelConfig:
@@ -348,7 +351,20 @@ class ParallelConfig(Section):
             )
         if self.offload_params and not (self.strategy == "deepspeed" and self.zero_stage == 3):
             raise ValueError("parallel.offload_params needs parallel.strategy=deepspeed with zero_stage=3")
+        for key in ("min_workers", "max_workers"):
+            if getattr(self, key) % self.tp:
+                raise ValueError(f"parallel.{key}={getattr(self, key)} is not a multiple of parallel.tp={self.tp}: a "
+                                 "run grows and shrinks in whole tensor-parallel groups")
+        if self.tp > 1 and self.strategy != "fsdp":
+            raise ValueError(f"parallel.tp={self.tp} needs parallel.strategy=fsdp (now {self.strategy}): "
+                             "tensor-parallel parameters are DTensors, which FSDP2 shards over the data-parallel "
+                             "ranks and DDP and DeepSpeed cannot hold")
         return self
+
+    @property
+    def max_replicas(self) -> int:
+        """The most data-parallel replicas a run has: how many ways a global batch may be split."""
+        return self.max_workers // self.tp
 
 
 class CheckpointConfig(Section):
@@ -517,15 +533,17 @@ class Config(Section):
                     f"sequence length in use ({seq_len})"
                 )
             rows = t.global_batch_tokens // seq_len
-            if rows < self.parallel.max_workers:
+            if rows < self.parallel.max_replicas:
                 raise ValueError(
                     f"global batch of {rows} rows (train.global_batch_tokens={t.global_batch_tokens} / "
-                    f"seq_len {seq_len}) is smaller than parallel.max_workers={self.parallel.max_workers}; "
-                    "every worker needs at least one row"
+                    f"seq_len {seq_len}) is smaller than parallel.max_workers={self.parallel.max_workers}"
+                    + (f" / parallel.tp={self.parallel.tp}" if self.parallel.tp > 1 else "")
+                    + "; every data-parallel replica needs at least one row"
                 )
         for f in self.faults:
             if f.step >= t.steps:
                 raise ValueError(f"faults: injection at step {f.step} is past train.steps={t.steps}")
+        self._check_tensor_parallel()
         mlm = self.data.objective == "mlm"
         if mlm != self.model.bidirectional:
             raise ValueError(
@@ -537,6 +555,25 @@ class Config(Section):
             raise ValueError(f"model.mtp_heads={self.model.mtp_heads} predicts the tokens after the next one, which "
                              "a bidirectional (data.objective=mlm) model already sees; set model.mtp_heads=0")
         return self
+
+
+    def _check_tensor_parallel(self) -> None:
+        tp, m = self.parallel.tp, self.model
+        if tp == 1:
+            return
+        for key, value in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("vocab_size", m.vocab_size)):
+            if value % tp:
+                raise ValueError(f"model.{key}={value} is not divisible by parallel.tp={tp}: each tensor-parallel rank "
+                                 f"holds an equal share; valid tp: {[d for d in _divisors(value) if d > 1][:8]}")
+        unsupported = {
+            "model.mtp_heads": m.mtp_heads > 0,
+            "model.loss.chunk_tokens": bool(m.loss.chunk_tokens),
+            "model.lora": m.lora is not None,
+            "precision.dtype=fp8": self.precision.dtype == "fp8",
+        }
+        for key, used in unsupported.items():
+            if used:
+                raise ValueError(f"{key} with parallel.tp={tp} is not supported yet: turn one of them off")
 
 
 def _divisors(n: int) -> list[int]:

@@ -102,9 +102,12 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
     """
 
     def __init__(self, scaling_config: ScalingConfig, first_start_timeout_s: float, restart_timeout_s: float,
-                 probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S, run_name: str | None = None):
+                 probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S, run_name: str | None = None,
+                 workers_per_replica: int = 1):
         super().__init__(scaling_config)
         self.run_name = run_name  # whose guardian names the nodes to leave out
+        # A tensor-parallel run resizes in whole groups (parallel.tp workers): 7 places for tp=2 start 6 workers.
+        self.workers_per_replica = workers_per_replica
         self.first_start_timeout_s = first_start_timeout_s
         # A restart never waits longer than a first start would.
         self.restart_timeout_s = min(restart_timeout_s, first_start_timeout_s)
@@ -129,6 +132,10 @@ class NodeLossAwareElasticPolicy(ElasticScalingPolicy):
         return live
 
     def _count_possible_workers(self, reserved_resources: dict[str, dict[str, float]]) -> int:
+        n = self._count_live_workers(reserved_resources)
+        return n - n % self.workers_per_replica
+
+    def _count_live_workers(self, reserved_resources: dict[str, dict[str, float]]) -> int:
         try:
             live = self._live(frozenset(reserved_resources))
         except Exception:  # a GCS hiccup must not fail the run: fall back to Ray's own view
@@ -199,15 +206,16 @@ class NodeLossAwareTorchTrainer(TorchTrainer):
     """A TorchTrainer whose elastic runs use NodeLossAwareElasticPolicy; fixed-size runs are unchanged."""
 
     def __init__(self, *args: Any, first_start_timeout_s: float, restart_timeout_s: float,
-                 run_name: str | None = None, **kwargs: Any):
+                 run_name: str | None = None, workers_per_replica: int = 1, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.first_start_timeout_s = first_start_timeout_s
         self.restart_timeout_s = restart_timeout_s
         self.run_name = run_name
+        self.workers_per_replica = workers_per_replica
 
     def make_scaling_policy(self) -> NodeLossAwareElasticPolicy:
         return NodeLossAwareElasticPolicy(self.scaling_config, self.first_start_timeout_s, self.restart_timeout_s,
-                                          run_name=self.run_name)
+                                          run_name=self.run_name, workers_per_replica=self.workers_per_replica)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Result:
         # DataParallelTrainer.fit builds Ray's policy and passes it here, on its way to the controller actor.

@@ -151,10 +151,11 @@ def build(cfg: Config, rank: int, world_size: int, model: torch.nn.Module | None
 
 
 def train_steps(engine, cfg: Config, steps, rank: int, world_size: int) -> list[tuple[float, float]]:
-    """(loss, pre-clip grad norm) per step."""
+    """(loss, pre-clip grad norm) per step. The ranks of a tensor-parallel group train on the same rows."""
+    dims = engine.strategy.dims
     curve = []
     for step in steps:
-        stats = engine.forward_backward(rank_micro_batches(cfg, step, rank, world_size), step)
+        stats = engine.forward_backward(rank_micro_batches(cfg, step, dims.dp_rank(rank), dims.dp), step)
         engine.apply()
         curve.append((stats.loss, stats.grad_norm))
     return curve

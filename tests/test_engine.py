@@ -11,7 +11,8 @@ import torch
 
 from raytrainer.config import Config, load_config
 from raytrainer.model import Transformer
-from raytrainer.train.engine import StepEngine, prepare_model
+from raytrainer.train.engine import StepEngine
+from raytrainer.train.parallelize import parallelize
 from raytrainer.train.schedule import lr_at
 from raytrainer.train.strategy import SingleProcess
 
@@ -58,7 +59,7 @@ def padding_micro_batch(batch: dict) -> dict:
 
 def build(cfg: Config, seed: int = 0, model: torch.nn.Module | None = None) -> tuple[SingleProcess, StepEngine]:
     torch.manual_seed(seed)
-    model = prepare_model(model if model is not None else Transformer(cfg.model), cfg)
+    model = parallelize(model if model is not None else Transformer(cfg.model), cfg)
     strategy = SingleProcess(cfg, model)
     return strategy, StepEngine(strategy.model, cfg, strategy)
 
@@ -161,7 +162,7 @@ def test_prepare_model_compiles_block_by_block_and_keeps_parameter_names():
     cfg = tiny_config("train.compile=true")
     model = Transformer(cfg.model)
     names = [n for n, _ in model.named_parameters()]
-    prepared = prepare_model(model, cfg)
+    prepared = parallelize(model, cfg)
     assert prepared is model
     assert [n for n, _ in prepared.named_parameters()] == names
     assert all(block._compiled_call_impl is not None for block in prepared.layers)

@@ -64,24 +64,6 @@ class StepStats:
     attended_pairs: float = 0.0  # global (query, key) pairs attention computed under document masking (MFU)
 
 
-def prepare_model(model: nn.Module, cfg: Config) -> nn.Module:
-    """What is done to the plain model before any wrapping: activation checkpointing, fp8 linears,
-    torch.compile. Parameter names do not change (every step works on the module in place)."""
-    from raytrainer.model.checkpointing import apply_activation_checkpointing
-
-    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-    if cfg.precision.dtype == "fp8":
-        from raytrainer.train.precision import enable_fp8
-
-        model = enable_fp8(model)
-    if cfg.train.compile:
-        # Block by block (as torchtitan does): every block shares one compiled graph, the module tree
-        # and parameter names stay as they are, and FSDP2 can still shard and prefetch per block.
-        for block in getattr(model, "layers", [model]):
-            block.compile()
-    return model
-
-
 class StepEngine:
     def __init__(self, model: nn.Module, cfg: Config, strategy):
         check_precision_supported(cfg.precision.dtype, strategy.device)
@@ -122,9 +104,11 @@ class StepEngine:
         t0 = time.perf_counter()
         s = self.strategy
         device = s.device
+        # Every rank of a tensor-parallel group trains on the same rows: `copies` of each row across the world.
+        copies = s.dims.tp
         local_labels = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
-        global_labels = s.all_reduce_sum(local_labels)
-        normalizer = max(global_labels, 1.0) / s.world_size
+        global_labels = s.all_reduce_sum(local_labels) / copies
+        normalizer = max(global_labels, 1.0) / s.dims.dp
         ce_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync per step
         last = len(micro_batches) - 1
         forward = Stopwatch(device)  # this rank's own compute: a forward waits on no other rank's
@@ -153,7 +137,7 @@ class StepEngine:
         per_rank = s.all_gather_floats([float(ce_sum), data_wait_s + time.perf_counter() - t0, data_wait_s,
                                         float(grad_norm), data_wait_s + forward.seconds(), float(stopping),
                                         float(pairs)])
-        loss = math.fsum(r[0] for r in per_rank) / max(global_labels, 1.0)
+        loss = math.fsum(r[0] for r in per_rank) / copies / max(global_labels, 1.0)
 
         # Judged on every rank's norm, so that every rank takes the same view of whether it may apply.
         grads_finite = all(math.isfinite(r[3]) for r in per_rank)
@@ -178,7 +162,7 @@ class StepEngine:
             seq_len=seq_len,
             overflow=overflow,
             token_ce=per_token,
-            attended_pairs=sum(r[6] for r in per_rank),
+            attended_pairs=sum(r[6] for r in per_rank) / copies,
             metrics={"forward_backward_s": t_backward - t0, "micro_batches": len(micro_batches),
                      "rank_busy_s": [r[1] for r in per_rank], "rank_data_wait_s": [r[2] for r in per_rank],
                      "rank_ce_sum": [r[0] for r in per_rank], "rank_grad_norm": [r[3] for r in per_rank],
@@ -228,8 +212,9 @@ class StepEngine:
                             labels += n
         finally:
             self.model.train(was_training)
-        total = s.all_reduce_sum(float(ce_sum))
-        count = int(s.all_reduce_sum(labels))
+        copies = s.dims.tp  # the ranks of a tensor-parallel group evaluate the same rows
+        total = s.all_reduce_sum(float(ce_sum)) / copies
+        count = round(s.all_reduce_sum(labels) / copies)
         return total / max(count, 1), count
 
     def apply(self, skip: bool = False, lr_factor: float = 1.0) -> bool:

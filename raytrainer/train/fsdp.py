@@ -21,8 +21,8 @@ import logging
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from raytrainer.config import Config
 from raytrainer.train.strategy import Strategy
@@ -51,9 +51,10 @@ class FSDPStrategy(Strategy):
     name = "fsdp"
 
     def __init__(self, cfg: Config, module: nn.Module, rank: int = 0, world_size: int = 1,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, mesh: DeviceMesh | None = None):
         from raytrainer.train.optim import build_optimizer
 
+        self.mesh = mesh  # ("dp", "tp"); None: data parallel alone
         # As Strategy.__init__, except that a meta-device model cannot be moved before it is sharded.
         self.cfg = cfg
         self.rank = rank
@@ -67,19 +68,12 @@ class FSDPStrategy(Strategy):
         self.optimizer = build_optimizer(self.module, cfg)  # over the sharded (DTensor) parameters
 
     def wrap(self, module: nn.Module) -> nn.Module:
-        p = self.cfg.parallel
-        mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("dp",))
-        offload: OffloadPolicy = (
-            CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if p.fsdp_cpu_offload else OffloadPolicy()
-        )
-        settings = dict(mesh=mesh, mp_policy=mixed_precision_policy(self.cfg.precision.dtype),
-                        offload_policy=offload, reshard_after_forward=p.fsdp_reshard_after_forward)
-        for block in module.layers:
-            fully_shard(block, **settings)
-        # The root holds what is left (embeddings, final norm, lm_head, MTP heads); FSDP keeps the root
-        # unsharded between forward and backward anyway, since backward needs it immediately.
-        fully_shard(module, **settings)
-        return module
+        from raytrainer.train.parallelize import apply_fsdp
+
+        if self.mesh is not None:
+            return apply_fsdp(module, self.cfg, self.mesh["dp"])
+        return apply_fsdp(module, self.cfg, init_device_mesh(self.device.type, (self.world_size,),
+                                                            mesh_dim_names=("dp",)))
 
     @torch.no_grad()
     def _materialize(self) -> None:

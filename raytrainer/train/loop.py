@@ -329,7 +329,9 @@ class Trainer:
         """Every rank: its rows' token losses by document. Rank 0 gets every rank's, united, the likely culprits
         named by their first characters; the others get None."""
         mine: list[DocumentLoss] = []
-        first, end = self.feed.last_rows if stats.token_ce else (0, 0)
+        # the ranks of a tensor-parallel group hold the same rows: the group's first speaks for them
+        speaks = self.engine.strategy.dims.tp_rank(self.env.rank) == 0
+        first, end = self.feed.last_rows if stats.token_ce and speaks else (0, 0)
         n = end - first
         if n > 0:
             def rows(key: str):

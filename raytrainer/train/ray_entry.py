@@ -62,9 +62,11 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
     strategy = build_strategy(cfg, model, env.rank, env.world_size, device)
     engine = StepEngine(strategy.model, cfg, strategy)
     checkpoints = CheckpointManager(cfg, env, store=store)
+    # Data-parallel replicas split every global batch; the ranks of a tensor-parallel group share their rows.
+    replica, replicas = strategy.dims.dp_rank(env.rank), strategy.dims.dp
 
     def feed_factory(cursor: dict | None) -> DataFeed:
-        return DataFeed(cfg, cfg.data.path, env.rank, env.world_size, cursor=cursor,
+        return DataFeed(cfg, cfg.data.path, replica, replicas, cursor=cursor,
                         use_ray=False if data_in_process else None)
 
     injector = None
@@ -75,7 +77,7 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
     if cfg.eval.every_steps is not None:
         from raytrainer.data.validation import ValidationBatches
 
-        validation = ValidationBatches(cfg, env.rank, env.world_size)
+        validation = ValidationBatches(cfg, replica, replicas)
     recorder = None
     if env.rank == 0:
         from raytrainer.metrics.setup import open_recorder

@@ -17,15 +17,21 @@ log = logging.getLogger("raytrainer.train")
 
 def build_strategy(cfg: Config, model: nn.Module, rank: int, world_size: int,
                    device: torch.device) -> Strategy:
-    from raytrainer.train.engine import prepare_model
+    from raytrainer.train.mesh import ParallelDims
+    from raytrainer.train.parallelize import parallelize
 
-    model = prepare_model(model, cfg)
+    dims = ParallelDims(world_size, tp=cfg.parallel.tp)
+    mesh = None
+    if dims.tp > 1:
+        ensure_process_group(rank, world_size, device)
+        mesh = dims.build_mesh(device.type)
+    model = parallelize(model, cfg, mesh)
     name = cfg.parallel.strategy
     if name == "fsdp":
         from raytrainer.train.fsdp import FSDPStrategy
 
         ensure_process_group(rank, world_size, device)
-        return FSDPStrategy(cfg, model, rank, world_size, device)
+        return FSDPStrategy(cfg, model, rank, world_size, device, mesh=mesh)
     if name == "deepspeed":
         from raytrainer.train.deepspeed_strategy import DeepSpeedStrategy
 

@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from raytrainer.checkpoint import dcp_io
 from raytrainer.config import Config
+from raytrainer.train.mesh import ParallelDims
 
 
 def distributed() -> bool:
@@ -79,6 +80,11 @@ class Strategy:
                 + "; the launcher (Ray Train, torchrun) must create the process group first, with backend "
                 + f"{default_backend(self.device)!r} for {self.device.type} workers"
             )
+
+    @property
+    def dims(self) -> ParallelDims:
+        """How the world divides into data-parallel replicas and tensor-parallel groups."""
+        return ParallelDims(self.world_size, tp=self.cfg.parallel.tp)
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return module
@@ -194,12 +200,9 @@ class DDPStrategy(Strategy):
     def wrap(self, module: nn.Module) -> nn.Module:
         if not distributed():
             return module
-        from torch.nn.parallel import DistributedDataParallel
+        from raytrainer.train.parallelize import apply_ddp
 
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        # The model's buffers are constants (RoPE tables), identical on every rank by construction: a
-        # broadcast of them before every forward would only make each forward wait on the slowest rank.
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        return apply_ddp(module, self.device)
 
     def no_sync(self):
         return self.model.no_sync() if hasattr(self.model, "no_sync") else contextlib.nullcontext()

@@ -1,0 +1,48 @@
+"""How a world of ranks divides into data-parallel replicas and tensor-parallel groups.
+
+    dims = ParallelDims(world_size, tp=cfg.parallel.tp)
+    dims.dp, dims.dp_rank(rank)        which share of every global batch a rank trains on
+    mesh = dims.build_mesh("cpu")      a DeviceMesh named ("dp", "tp")
+
+Ranks are laid out with tp innermost: ranks 0..tp-1 form the first tensor-parallel group (one node, where
+the links are fastest), the next tp ranks the second, and so on; rank r is data-parallel replica r // tp.
+Every rank of a tensor-parallel group trains on the same rows, so the global batch a step trains on depends
+on the data plan alone, and a run resizes in whole replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    tp: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.world_size % self.tp:
+            raise ValueError(f"a world of {self.world_size} ranks does not divide into tensor-parallel groups of "
+                             f"parallel.tp={self.tp}; give the run a multiple of {self.tp} workers "
+                             "(parallel.min_workers and parallel.max_workers)")
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel replicas: how many ways every global batch is split."""
+        return self.world_size // self.tp
+
+    def dp_rank(self, rank: int) -> int:
+        return rank // self.tp
+
+    def tp_rank(self, rank: int) -> int:
+        return rank % self.tp
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """Every rank calls it together (it creates a process group per mesh dimension)."""
+        mesh = init_device_mesh(device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+        # A reduction over both dimensions (the gradient norm of FSDP + TP parameters) then takes one collective
+        # over the whole world, not one per dimension.
+        mesh["dp", "tp"]._flatten("dp_tp")
+        return mesh
