@@ -77,6 +77,29 @@ def test_short_ranks_get_all_ignored_padding_micro_batches(dataset):
     assert (pad["doc_ids"] == 0).all() and pad["position_ids"][0].tolist() == list(range(32))
 
 
+def test_a_group_sharing_its_rows_reads_them_once_and_trains_on_the_same_batches(dataset, monkeypatch):
+    """Tensor-parallel ranks share their rows: the reader's step goes to the others, who read nothing."""
+    cfg = config(seq_len=32, global_batch_tokens=32 * 8, micro_batch_size=2)
+    sent = []
+
+    def share(item):
+        if item is not None:
+            sent.append(item)
+        return sent[-1]
+
+    reader = DataFeed(cfg, str(dataset), rank=1, world_size=2, use_ray=False, share=share, reads=True)
+    other = DataFeed(cfg, str(dataset), rank=1, world_size=2, use_ray=False, share=share, reads=False)
+    alone = DataFeed(cfg, str(dataset), rank=1, world_size=2, use_ray=False)
+    monkeypatch.setattr(other, "_read_item", lambda: pytest.fail("a rank that does not read read its rows"))
+    for _ in range(3):
+        mine, theirs, own = reader.next_step(), other.next_step(), alone.next_step()
+        for a, b, c in zip(mine, theirs, own, strict=True):
+            assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+        assert other.cursor() == reader.cursor() == alone.cursor()
+        assert other.last_rows == reader.last_rows
+    assert len(sent) == 3
+
+
 def test_fim_through_the_stream_packs_the_transformed_documents(dataset, docs):
     cfg = config(seq_len=64, global_batch_tokens=64 * 8, objective="fim", fim_rate=0.5)
     feed = DataFeed(cfg, str(dataset), use_ray=False)

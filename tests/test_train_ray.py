@@ -83,6 +83,26 @@ def test_s3_checkpoints_survive_a_resubmission_and_a_crash(dataset, s3_server, s
     assert time.monotonic() - t0 < 600
 
 
+def test_a_tensor_parallel_run_resumes_after_a_killed_worker(dataset, tmp_path, local_ray):
+    """Four workers in two tensor-parallel pairs (FSDP2 over the pairs); a worker process dies, and the run
+    resumes from its last checkpoint on the same mesh at the data position it had there."""
+    from raytrainer.launch import run
+
+    cfg = micro_config(dataset, str(tmp_path / "runs"), name="tp", steps=14, extra=[
+        "parallel.strategy=fsdp", "parallel.tp=2", "parallel.min_workers=4", "parallel.max_workers=4",
+        "guardian.step_timeout_s=60", "faults=[{step: 12, kind: crash, rank: 3}]"])
+    result = run(cfg)
+    assert result["step"] == 14
+    assert result["metrics"]["start_step"] == 10  # the attempt after the crash began at the last checkpoint
+    history = read_history(open_storage(str(tmp_path / "runs")).child("tp"))
+    assert [r["step"] for r in history.steps] == list(range(14))
+    assert [e["world_size"] for e in history.of_kind("resume")] == [4]
+    assert {r["step"] for r in history.abandoned} <= set(range(10, 13))
+    # the data position came back with the checkpoint: every global batch once, in order
+    assert [r["batch"] for r in history.steps] == list(range(14))
+    assert history.steps[-1]["loss"] < history.steps[0]["loss"] - 0.5
+
+
 def test_more_workers_than_the_cluster_can_ever_have_fails_fast(dataset, tmp_path, local_ray):
     from raytrainer.launch import run
 

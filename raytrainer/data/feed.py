@@ -19,7 +19,7 @@ import copy
 import logging
 import math
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -47,12 +47,18 @@ log = logging.getLogger(__name__)
 class DataFeed:
     def __init__(self, cfg: Config, manifest_dir: str, rank: int = 0, world_size: int = 1,
                  cursor: dict | None = None, *, use_ray: bool | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, share: Callable[[StepData | None], StepData] | None = None,
+                 reads: bool = True):
+        """`share`: this rank is one of a group that trains on the same rows (tensor parallel); `share` is the group's
+        broadcast from the one rank that reads for them all (`reads`): given its step there and None elsewhere, it
+        returns that step everywhere. Without it every rank reads its own."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
+        self.share = share
+        self.reads = reads or share is None
         manifest = Manifest.load(manifest_dir, cfg.data.s3)
         storage = open_storage(manifest_dir, cfg.data.s3)
         self.table = ShardTable.from_manifest(manifest)
@@ -84,6 +90,11 @@ class DataFeed:
         return self._micro_batches(item)
 
     def _next_item(self) -> StepData:
+        if self.share is None:
+            return self._read_item()
+        return self.share(self._read_item() if self.reads else None)
+
+    def _read_item(self) -> StepData:
         if not self.use_ray:
             planner = self._local_planner()
             planned = planner.next_batch()

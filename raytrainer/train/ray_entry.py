@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,18 @@ def broadcast_from_rank0(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def group_broadcast(mesh) -> Callable[[Any], Any]:
+    """The first rank's object to every rank of a one-dimensional mesh (a tensor-parallel group)."""
+    group, first = mesh.get_group(), mesh.mesh[0].item()
+
+    def broadcast(obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=first, group=group)
+        return box[0]
+
+    return broadcast
 
 
 def every_ranks_node() -> list[str]:
@@ -62,12 +76,15 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
     strategy = build_strategy(cfg, model, env.rank, env.world_size, device)
     engine = StepEngine(strategy.model, cfg, strategy)
     checkpoints = CheckpointManager(cfg, env, store=store)
-    # Data-parallel replicas split every global batch; the ranks of a tensor-parallel group share their rows.
-    replica, replicas = strategy.dims.dp_rank(env.rank), strategy.dims.dp
+    # Data-parallel replicas split every global batch; the ranks of a tensor-parallel group share their rows,
+    # which the group's first rank reads and sends to the others.
+    dims = strategy.dims
+    replica, replicas = dims.dp_rank(env.rank), dims.dp
+    share = group_broadcast(strategy.mesh["tp"]) if dims.tp > 1 else None
 
     def feed_factory(cursor: dict | None) -> DataFeed:
         return DataFeed(cfg, cfg.data.path, replica, replicas, cursor=cursor,
-                        use_ray=False if data_in_process else None)
+                        use_ray=False if data_in_process else None, share=share, reads=dims.tp_rank(env.rank) == 0)
 
     injector = None
     if cfg.faults:
