@@ -126,6 +126,28 @@ class LoraConfig(Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
 
 
+class MoEConfig(Section):
+    """A mixture-of-experts MLP in every block (raytrainer.model.moe): each token goes to top_k of n_experts."""
+
+    n_experts: int = Field(8, gt=1)
+    top_k: int = Field(2, gt=0)
+    expert_hidden: int | None = Field(None, gt=0)  # None: the dense MLP's hidden width (model.ffn_hidden rule)
+    shared_experts: int = Field(0, ge=0)  # experts every token goes through, beside its routed ones
+    # aux_loss: a load-balancing loss (Switch/GShard); bias: DeepSeek-V3's auxiliary-loss-free balancing, a
+    # per-expert bias on the routing scores nudged after every step towards equal load
+    balance: Literal["aux_loss", "bias"] = "aux_loss"
+    aux_loss_weight: float = Field(0.01, ge=0)
+    bias_update_rate: float = Field(1e-3, ge=0)
+    router_z_loss_weight: float = Field(1e-3, ge=0)  # ST-MoE's router z-loss: weight * logsumexp(logits)^2
+    capacity_factor: float | None = Field(None, gt=0)  # None: dropless; else top_k * tokens / n_experts * this
+
+    @model_validator(mode="after")
+    def _check_top_k(self) -> MoEConfig:
+        if self.top_k > self.n_experts:
+            raise ValueError(f"model.moe.top_k={self.top_k} exceeds model.moe.n_experts={self.n_experts}")
+        return self
+
+
 class ModelConfig(Section):
     vocab_size: int = Field(50304, gt=0)
     d_model: int = Field(768, gt=0)
@@ -157,6 +179,7 @@ class ModelConfig(Section):
     # too when the data section is unchanged): continual pretraining, or a WSD stable phase branched into decay
     init_state: Literal["weights", "full"] = "weights"
     lora: LoraConfig | None = None  # train low-rank adapters on a frozen model (usually with init_from)
+    moe: MoEConfig | None = None  # mixture-of-experts MLPs instead of dense ones
 
     @property
     def kv_heads(self) -> int:
@@ -165,6 +188,10 @@ class ModelConfig(Section):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def expert_hidden_dim(self) -> int:
+        return (self.moe.expert_hidden if self.moe is not None and self.moe.expert_hidden else None) or self.hidden_dim
 
     @property
     def hidden_dim(self) -> int:
@@ -190,6 +217,10 @@ class ModelConfig(Section):
         if self.init_state == "full" and not (self.init_from or "").startswith("run:"):
             raise ValueError(f"model.init_state=full needs model.init_from=run:<storage>/<run>[@step] (now "
                              f"{self.init_from!r}): only a run's checkpoint has an optimizer and a step to go on from")
+        mlp_targets = {"gate_proj", "up_proj", "down_proj"} & set(self.lora.targets if self.lora else [])
+        if self.moe is not None and mlp_targets:
+            raise ValueError(f"model.lora.targets={self.lora.targets} names MLP projections, which a mixture-of-"
+                             "experts model (model.moe) keeps inside its experts; target attention projections")
         if self.init_state == "full" and self.lora is not None:
             raise ValueError("model.init_state=full with model.lora: the source's optimizer holds no adapter state; "
                              "use model.init_state=weights to put adapters on its weights")
@@ -570,6 +601,7 @@ class Config(Section):
             "model.loss.chunk_tokens": bool(m.loss.chunk_tokens),
             "model.lora": m.lora is not None,
             "precision.dtype=fp8": self.precision.dtype == "fp8",
+            "model.moe": m.moe is not None,
         }
         for key, used in unsupported.items():
             if used:

@@ -120,6 +120,10 @@ def export_hf(cfg: Config, run_url: str, out_dir: str, step: int | None = None, 
 
     if dtype not in DTYPES:
         raise ExportRefused(f"--dtype {dtype}: choose one of {sorted(DTYPES)}")
+    if cfg.model.moe is not None:  # no HF Llama or Qwen3 has experts: there is no layout to write them in
+        raise ExportRefused(f"model.moe (a mixture of {cfg.model.moe.n_experts} experts) has no Hugging Face "
+                            "export yet: only dense Llama and Qwen3 models are written; use `raytrainer generate` "
+                            "on the checkpoint itself")
     reasons = lossy_features(cfg.model)
     if reasons and not lossy:
         raise ExportRefused(f"no Hugging Face architecture computes what this model does: {'; '.join(reasons)}. "

@@ -5,7 +5,7 @@ import pytest
 from raytrainer.config import ConfigError, load_config
 
 
-@pytest.mark.parametrize("preset", ["tiny", "gpt2-124m", "llama-1b", "llama-8b"])
+@pytest.mark.parametrize("preset", ["tiny", "moe-tiny", "gpt2-124m", "llama-1b", "llama-8b"])
 def test_presets_load(preset):
     cfg = load_config(preset)
     assert cfg.run.name == preset

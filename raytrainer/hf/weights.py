@@ -59,6 +59,9 @@ def check_hf_config(cfg: ModelConfig, directory: Path) -> dict:
     if hf["model_type"] != model_type:
         raise ImportRefused(f"model.init_from: {path} is {hf['model_type']} but model.qk_norm={cfg.qk_norm} makes "
                             f"a {model_type} model; set model.qk_norm={str(hf['model_type'] == 'qwen3').lower()}")
+    if cfg.moe is not None:
+        raise ImportRefused(f"model.init_from: {path} is a dense {hf['model_type']} model, but model.moe makes a "
+                            "mixture of experts; remove model.moe to start from it")
     if lossy_features(cfg):
         raise ImportRefused(f"model.init_from: {path} is a plain {hf['model_type']} model, but "
                             f"{'; '.join(lossy_features(cfg))} would make it compute something else")

@@ -3,7 +3,8 @@
 Training FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B) and torchtitan:
     6 * N_matmul + 12 * n_layers * d_model * seq_len
 - N_matmul counts every weight that multiplies an activation: the blocks' projections, lm_head
-  (once per prediction head, MTP heads included) and the MTP projections. The input embedding is a
+  (once per prediction head, MTP heads included) and the MTP projections. Of a mixture of experts only the
+  active weights count: the router, the top_k routed experts and the shared ones. The input embedding is a
   lookup, and norm gains are elementwise, so neither counts.
 - The attention term is QK^T and AV (2 * 2 * T * d_model forward per token and layer, x3 for training),
   over the full T x T square: no halving for the causal mask, as in PaLM, so numbers (and MFU) compare
@@ -21,11 +22,16 @@ import torch
 from raytrainer.config import ModelConfig
 
 
-def _block_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(matmul weights, norm gains) of one block."""
+def _block_params(cfg: ModelConfig, active: bool = False) -> tuple[int, int]:
+    """(matmul weights, norm gains) of one block. `active`: of a mixture of experts, only the weights one token
+    goes through (the router, its top_k experts and the shared ones), which is what its FLOPs count."""
     d, attn_dim, kv_dim = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     attention = d * attn_dim + 2 * d * kv_dim + attn_dim * d  # q, k, v, o
-    mlp = 3 * d * cfg.hidden_dim  # gate, up, down
+    if cfg.moe is None:
+        mlp = 3 * d * cfg.hidden_dim  # gate, up, down
+    else:
+        experts = (cfg.moe.top_k if active else cfg.moe.n_experts) + cfg.moe.shared_experts
+        mlp = 3 * d * cfg.expert_hidden_dim * experts + d * cfg.moe.n_experts  # experts + router
     norms = 2 * d + (2 * cfg.head_dim if cfg.qk_norm else 0)
     return attention + mlp, norms
 
@@ -43,8 +49,9 @@ def count_params(cfg: ModelConfig, include_embeddings: bool = True) -> int:
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights used in matmuls per token in training (lm_head once per prediction head)."""
-    matmul, _ = _block_params(cfg)
+    """Weights used in matmuls per token in training (lm_head once per prediction head; of a mixture of
+    experts, the active ones)."""
+    matmul, _ = _block_params(cfg, active=True)
     heads = 1 + cfg.mtp_heads
     return cfg.n_layers * matmul + heads * cfg.d_model * cfg.vocab_size + cfg.mtp_heads * cfg.d_model**2
 

@@ -28,6 +28,7 @@ from raytrainer.model.attention import AttentionMask, attention, build_mask
 from raytrainer.model.fused_loss import chunked_loss_sums
 from raytrainer.model.kv_cache import KVCache, LayerCache
 from raytrainer.model.loss import combine_loss, compute_loss, shift_labels
+from raytrainer.model.moe import MoE
 from raytrainer.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -80,11 +81,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
+        hidden = hidden or cfg.hidden_dim
+        self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -96,7 +98,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.moe is not None else MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask,
                 cache: LayerCache | None = None) -> torch.Tensor:
@@ -143,11 +145,20 @@ class Transformer(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, 0.0, std)
         for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            attn = layer.self_attn
+            dense = [layer.mlp] if isinstance(layer.mlp, MLP) else [m for m in [layer.mlp.shared] if m is not None]
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, *(m.gate_proj for m in dense),
+                           *(m.up_proj for m in dense)):
                 nn.init.normal_(linear.weight, 0.0, hidden_std)
-            for linear in (attn.o_proj, mlp.down_proj):  # outputs added to the residual stream
+            for linear in (attn.o_proj, *(m.down_proj for m in dense)):  # outputs added to the residual stream
                 nn.init.normal_(linear.weight, 0.0, residual_std)
+            if isinstance(layer.mlp, MoE):
+                experts = layer.mlp.experts
+                nn.init.normal_(experts.gate_proj, 0.0, hidden_std)
+                nn.init.normal_(experts.up_proj, 0.0, hidden_std)
+                nn.init.normal_(experts.down_proj, 0.0, residual_std)
+                nn.init.normal_(layer.mlp.router.gate.weight, 0.0, std)
+                layer.mlp.router.bias.zero_()
         for head in self.mtp:
             nn.init.normal_(head.proj.weight, 0.0, hidden_std)
         for module in self.modules():
@@ -198,7 +209,7 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.end(T)
         if labels is not None and self.cfg.loss.chunk_tokens:
-            return self.chunked_loss(x, labels, doc_ids, loss_normalizer)
+            return self.with_routing_terms(self.chunked_loss(x, labels, doc_ids, loss_normalizer), loss_normalizer)
         logits = self.output_logits(self.norm(x))
         if labels is None:
             return ModelOutput(logits)
@@ -213,7 +224,24 @@ class Transformer(nn.Module):
             doc_ids=doc_ids,
             loss_normalizer=loss_normalizer,
         )
-        return ModelOutput(logits, loss, metrics)
+        return self.with_routing_terms(ModelOutput(logits, loss, metrics), loss_normalizer)
+
+    def with_routing_terms(self, out: ModelOutput, loss_normalizer: float | None) -> ModelOutput:
+        """A mixture-of-experts model's balancing and router z-losses added to the loss (means over layers,
+        weighted like the main loss by this micro-batch's label tokens), and its routing in the metrics."""
+        stats = [m.stats for m in self.layers.modules() if isinstance(m, MoE)]
+        if not stats:
+            return out
+        moe = self.cfg.moe
+        aux = torch.stack([s.aux_loss for s in stats]).mean()
+        z = torch.stack([s.z_loss for s in stats]).mean()
+        labels = out.metrics["label_tokens"]
+        weight = labels / (loss_normalizer if loss_normalizer is not None else labels.clamp(min=1))
+        out.loss = out.loss + weight * (moe.aux_loss_weight * aux + moe.router_z_loss_weight * z)
+        load = torch.stack([s.load for s in stats])
+        out.metrics.update(moe_aux_loss=aux.detach(), moe_z_loss=z.detach(), moe_load=load,
+                           moe_dropped=torch.stack([s.dropped for s in stats]).sum())
+        return out
 
     def chunked_loss(self, x: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None,
                      loss_normalizer: float | None) -> ModelOutput:

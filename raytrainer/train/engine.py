@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raytrainer.config import Config
+from raytrainer.config import Config, ModelConfig
 from raytrainer.model.flops import attended_pairs
 from raytrainer.model.loss import token_ce
+from raytrainer.model.moe import update_balance_bias
 from raytrainer.train.ema import EMA
 from raytrainer.train.optim import set_lr
 from raytrainer.train.precision import DynamicLossScaler, autocast, check_precision_supported
@@ -81,6 +82,7 @@ class StepEngine:
         self._pending: StepStats | None = None  # the step whose gradients wait for apply()
         self._rng_before: tuple | None = None  # the RNG state the pending step started from
         self._recomputing = False
+        self._expert_load: torch.Tensor | None = None  # mixture of experts: the pending step's load, every rank's
         # Called with the step number after the backward, before the gradient norm: fault injection's way to
         # corrupt one rank's gradients as failing hardware would.
         self.gradient_hooks: list[Callable[[int], None]] = []
@@ -115,6 +117,7 @@ class StepEngine:
         per_token: list[torch.Tensor] | None = [] if token_losses else None
         causal = not self.cfg.model.bidirectional
         pairs = sum(attended_pairs(mb.get("doc_ids"), tuple(mb["input_ids"].shape), causal) for mb in micro_batches)
+        routing = RoutingTally(self.cfg.model)
         for i, mb in enumerate(micro_batches):
             inputs = {k: mb[k].to(device, non_blocking=True) for k in BATCH_KEYS if mb.get(k) is not None}
             with contextlib.nullcontext() if i == last else s.no_sync():
@@ -122,6 +125,7 @@ class StepEngine:
                     out = self.model(**inputs, loss_normalizer=normalizer)
                 s.backward(self.scaler.scale_loss(out.loss))
             ce_sum += out.metrics["ce"].detach().double() * out.metrics["label_tokens"]
+            routing.add(out.metrics)
             if per_token is not None:
                 tokens = out.metrics.get("token_ce")  # the chunked loss has no logits to read them from
                 per_token.append((tokens if tokens is not None else token_ce(out.logits, inputs["labels"])).cpu())
@@ -136,7 +140,7 @@ class StepEngine:
         # rank once reduced) can be named.
         per_rank = s.all_gather_floats([float(ce_sum), data_wait_s + time.perf_counter() - t0, data_wait_s,
                                         float(grad_norm), data_wait_s + forward.seconds(), float(stopping),
-                                        float(pairs)])
+                                        float(pairs), *routing.load_values()])
         loss = math.fsum(r[0] for r in per_rank) / copies / max(global_labels, 1.0)
 
         # Judged on every rank's norm, so that every rank takes the same view of whether it may apply.
@@ -170,6 +174,9 @@ class StepEngine:
         )
         if self.scaler.enabled:
             stats.metrics["loss_scale"] = self.scaler.scale
+        if routing.load is not None:
+            self._expert_load = routing.global_load([r[7:] for r in per_rank], copies)
+            stats.metrics.update(routing.summary(self._expert_load))
         self._pending = stats
         return stats
 
@@ -233,6 +240,9 @@ class StepEngine:
                       stats.step, stats.loss, stats.grad_norm)
         if applied:
             self.strategy.optimizer_step()
+            moe = self.cfg.model.moe
+            if moe is not None and moe.balance == "bias" and self._expert_load is not None:
+                update_balance_bias(self.strategy.module, self._expert_load, moe.bias_update_rate)
             if self.ema is not None:
                 self.ema.update()
             self.updates_applied += 1
@@ -304,6 +314,44 @@ class StepEngine:
         if extra is not None:
             self.ema.load_state_dict(extra["ema"])
         self._pending = None
+
+
+class RoutingTally:
+    """A mixture-of-experts step's routing on this rank: its load per layer and expert (micro-batches with a
+    target only: a padding micro-batch's routing is not the data's) and mean balancing terms."""
+
+    def __init__(self, cfg: ModelConfig):
+        # every rank sends a load of the same shape in the step's collective, a rank of padding zeros
+        self.load = None if cfg.moe is None else torch.zeros(cfg.n_layers, cfg.moe.n_experts, dtype=torch.float64)
+        self.terms: dict[str, float] = {}
+        self.micro_batches = 0
+
+    def add(self, metrics: dict) -> None:
+        if self.load is None or int(metrics["label_tokens"]) == 0:
+            return
+        self.load += metrics["moe_load"].detach().to("cpu", torch.float64)
+        for key in ("moe_aux_loss", "moe_z_loss", "moe_dropped"):
+            self.terms[key] = self.terms.get(key, 0.0) + float(metrics[key])
+        self.micro_batches += 1
+
+    def load_values(self) -> list[float]:
+        return [] if self.load is None else self.load.reshape(-1).tolist()
+
+    def global_load(self, every_rank: list[list[float]], copies: int) -> torch.Tensor:
+        """The load summed over ranks ([layers, experts])."""
+        return torch.tensor(every_rank, dtype=torch.float64).sum(0).reshape(self.load.shape) / copies
+
+    def summary(self, load: torch.Tensor) -> dict[str, float]:
+        """This rank's mean balancing terms and dropped slots, and the step's worst imbalance over layers: the
+        busiest expert's load over the mean."""
+        n = max(self.micro_batches, 1)
+        out = {"moe_aux_loss": self.terms.get("moe_aux_loss", 0.0) / n,
+               "moe_z_loss": self.terms.get("moe_z_loss", 0.0) / n,
+               "moe_dropped": self.terms.get("moe_dropped", 0.0)}
+        mean = load.mean(dim=1).clamp(min=1e-9)
+        out["moe_max_load"] = float((load.max(dim=1).values / mean).max())
+        out["moe_min_load"] = float((load.min(dim=1).values / mean).min())
+        return out
 
 
 class Stopwatch:

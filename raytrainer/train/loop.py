@@ -542,6 +542,7 @@ class Trainer:
             "step_time_spread_s": max(busy) - min(busy),
             "slowest_rank": max(range(len(busy)), key=busy.__getitem__),
             "flops": self.throughput.step_flops(stats.tokens, stats.seq_len, stats.attended_pairs),
+            **{k: v for k, v in stats.metrics.items() if k.startswith("moe_")},  # routing of a mixture of experts
             **rate,
         }
         self._last_entry = entry
