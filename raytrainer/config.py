@@ -373,6 +373,9 @@ class ParallelConfig(Section):
     # Tensor (+ sequence) parallel degree: each group of tp consecutive ranks holds one copy of the model split
     # across them and trains on the same rows; data parallelism takes the rest of the world.
     tp: int = Field(1, ge=1)
+    # Expert parallel degree (a mixture-of-experts model): groups of ep data-parallel ranks split every MoE
+    # layer's experts between them, tokens travelling to their experts by all-to-all.
+    ep: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check_range(self) -> ParallelConfig:
@@ -383,9 +386,10 @@ class ParallelConfig(Section):
         if self.offload_params and not (self.strategy == "deepspeed" and self.zero_stage == 3):
             raise ValueError("parallel.offload_params needs parallel.strategy=deepspeed with zero_stage=3")
         for key in ("min_workers", "max_workers"):
-            if getattr(self, key) % self.tp:
-                raise ValueError(f"parallel.{key}={getattr(self, key)} is not a multiple of parallel.tp={self.tp}: a "
-                                 "run grows and shrinks in whole tensor-parallel groups")
+            for group in ("tp", "ep"):
+                if getattr(self, key) % getattr(self, group):
+                    raise ValueError(f"parallel.{key}={getattr(self, key)} is not a multiple of parallel.{group}="
+                                     f"{getattr(self, group)}: a run grows and shrinks in whole groups")
         if self.tp > 1 and self.strategy != "fsdp":
             raise ValueError(f"parallel.tp={self.tp} needs parallel.strategy=fsdp (now {self.strategy}): "
                              "tensor-parallel parameters are DTensors, which FSDP2 shards over the data-parallel "
@@ -575,6 +579,7 @@ class Config(Section):
             if f.step >= t.steps:
                 raise ValueError(f"faults: injection at step {f.step} is past train.steps={t.steps}")
         self._check_tensor_parallel()
+        self._check_expert_parallel()
         mlm = self.data.objective == "mlm"
         if mlm != self.model.bidirectional:
             raise ValueError(
@@ -587,6 +592,19 @@ class Config(Section):
                              "a bidirectional (data.objective=mlm) model already sees; set model.mtp_heads=0")
         return self
 
+
+    def _check_expert_parallel(self) -> None:
+        ep, m = self.parallel.ep, self.model
+        if ep == 1:
+            return
+        if m.moe is None:
+            raise ValueError(f"parallel.ep={ep} splits the experts of a mixture-of-experts model; set model.moe")
+        if m.moe.n_experts % ep:
+            raise ValueError(f"model.moe.n_experts={m.moe.n_experts} is not divisible by parallel.ep={ep}: each "
+                             f"rank holds an equal share; valid ep: {[d for d in _divisors(m.moe.n_experts) if d > 1]}")
+        if self.parallel.strategy != "ddp" or self.parallel.tp > 1:
+            raise ValueError(f"parallel.ep={ep} works with parallel.strategy=ddp and parallel.tp=1 for now (now "
+                             f"{self.parallel.strategy}, tp={self.parallel.tp})")
 
     def _check_tensor_parallel(self) -> None:
         tp, m = self.parallel.tp, self.model

@@ -66,3 +66,18 @@ def test_an_elastic_tensor_parallel_run_is_sized_in_whole_groups(monkeypatch):
     three_slots, four_slots = {"CPU": 3.0}, {"CPU": 4.0}
     assert policy._count_possible_workers({"a": three_slots, "b": four_slots}) == 6  # 7 places: 3 groups of 2
     assert policy._count_possible_workers({"a": three_slots}) == 2
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.ep=2", "parallel.strategy=ddp", "parallel.min_workers=2", "parallel.max_workers=2"],
+     r"parallel.ep=2 splits the experts of a mixture-of-experts model; set model.moe"),
+    (["parallel.ep=4", "parallel.strategy=ddp", "parallel.min_workers=4", "parallel.max_workers=4",
+      "model.moe={n_experts: 6}"], r"model.moe.n_experts=6 is not divisible by parallel.ep=4"),
+    (["parallel.ep=2", "parallel.min_workers=2", "parallel.max_workers=2", "model.moe={n_experts: 4}"],
+     r"parallel.ep=2 works with parallel.strategy=ddp and parallel.tp=1 for now \(now fsdp, tp=1\)"),
+    (["parallel.ep=2", "parallel.strategy=ddp", "parallel.max_workers=3", "model.moe={n_experts: 4}"],
+     r"parallel.min_workers=1 is not a multiple of parallel.ep=2"),
+])
+def test_expert_parallel_settings_are_checked_with_named_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*TINY, *overrides])

@@ -83,12 +83,17 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [sum(counts), d], grouped by expert (counts[i] rows for the i-th expert held here)."""
-        out = []
-        for i, xe in enumerate(x.split(counts)):
-            if xe.shape[0]:
-                out.append(F.linear(F.silu(F.linear(xe, self.gate_proj[i])) * F.linear(xe, self.up_proj[i]),
-                                    self.down_proj[i]))
-        return torch.cat(out) if out else x.new_zeros(0, self.down_proj.shape[1])
+        return run_experts(x, counts, self.gate_proj, self.up_proj, self.down_proj)
+
+
+def run_experts(x: torch.Tensor, counts: list[int], gate: torch.Tensor, up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """Expert i's SwiGLU (weights gate[i], up[i], down[i]) on its counts[i] rows of x, in order."""
+    out = []
+    for i, xe in enumerate(x.split(counts)):
+        if xe.shape[0]:
+            out.append(F.linear(F.silu(F.linear(xe, gate[i])) * F.linear(xe, up[i]), down[i]))
+    return torch.cat(out) if out else x.new_zeros(0, down.shape[1])
 
 
 def local_dispatch(x: torch.Tensor, counts: torch.Tensor, experts: Experts) -> torch.Tensor:

@@ -129,6 +129,7 @@ class StepEngine:
             if per_token is not None:
                 tokens = out.metrics.get("token_ce")  # the chunked loss has no logits to read them from
                 per_token.append((tokens if tokens is not None else token_ce(out.logits, inputs["labels"])).cpu())
+        s.finish_gradients()
         t_backward = time.perf_counter()
         for hook in self.gradient_hooks:
             hook(step)

@@ -1,13 +1,18 @@
 """How a world of ranks divides into data-parallel replicas and tensor-parallel groups.
 
-    dims = ParallelDims(world_size, tp=cfg.parallel.tp)
+    dims = ParallelDims(world_size, tp=cfg.parallel.tp, ep=cfg.parallel.ep)
     dims.dp, dims.dp_rank(rank)        which share of every global batch a rank trains on
     mesh = dims.build_mesh("cpu")      a DeviceMesh named ("dp", "tp")
+    dims.build_expert_mesh("cpu")      ("ep_replica", "ep"): who shares a layer's experts, who holds the same slice
 
 Ranks are laid out with tp innermost: ranks 0..tp-1 form the first tensor-parallel group (one node, where
 the links are fastest), the next tp ranks the second, and so on; rank r is data-parallel replica r // tp.
 Every rank of a tensor-parallel group trains on the same rows, so the global batch a step trains on depends
 on the data plan alone, and a run resizes in whole replicas.
+
+Expert parallelism divides the data-parallel ranks again: groups of ep consecutive ranks split every MoE
+layer's experts between them (each rank still trains on its own rows); ranks in the same place of different
+groups hold the same experts.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 class ParallelDims:
     world_size: int
     tp: int = 1
+    ep: int = 1
 
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.world_size % self.tp:
-            raise ValueError(f"a world of {self.world_size} ranks does not divide into tensor-parallel groups of "
-                             f"parallel.tp={self.tp}; give the run a multiple of {self.tp} workers "
-                             "(parallel.min_workers and parallel.max_workers)")
+        for key, size in (("tp", self.tp), ("ep", self.ep)):
+            if size < 1 or self.world_size % size:
+                raise ValueError(f"a world of {self.world_size} ranks does not divide into groups of parallel.{key}="
+                                 f"{size}; give the run a multiple of {size} workers (parallel.min_workers and "
+                                 "parallel.max_workers)")
 
     @property
     def dp(self) -> int:
@@ -46,3 +53,8 @@ class ParallelDims:
         # over the whole world, not one per dimension.
         mesh["dp", "tp"]._flatten("dp_tp")
         return mesh
+
+    def build_expert_mesh(self, device_type: str) -> DeviceMesh:
+        """Every rank calls it together. ("ep_replica", "ep"): mesh["ep"] is a rank's expert-parallel group,
+        mesh["ep_replica"] the ranks holding the same experts as it."""
+        return init_device_mesh(device_type, (self.dp // self.ep, self.ep), mesh_dim_names=("ep_replica", "ep"))

@@ -44,7 +44,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if missing:
         raise ValueError(f"optimizer_groups left out trainable parameters {missing[:5]}: they would never train")
-    return groups
+    return [part for g in groups for part in _split_sharded(g)]
+
+
+def _split_sharded(group: dict) -> list[dict]:
+    """A group holding both DTensors and plain tensors (expert parallel: split experts beside replicated
+    weights) as two groups with the same settings: the multi-tensor kernels take one kind at a time."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [p for p in group["params"] if isinstance(p, DTensor)]
+    if not sharded or len(sharded) == len(group["params"]):
+        return [group]
+    plain = [p for p in group["params"] if not isinstance(p, DTensor)]
+    return [dict(group, params=plain), dict(group, params=sharded, name=f"{group.get('name', 'group')}_sharded")]
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:

@@ -2,8 +2,10 @@
 
 In this order (each step sees what the one before left):
 
-    parallelize(model, cfg, mesh)      tensor + sequence parallel over mesh["tp"], activation checkpointing,
-                                       fp8 linears, torch.compile per block
+    parallelize(model, cfg, mesh, expert_mesh)
+                                       tensor + sequence parallel over mesh["tp"], expert parallel over
+                                       expert_mesh["ep"] (raytrainer.train.expert_parallel), activation
+                                       checkpointing, fp8 linears, torch.compile per block
     apply_fsdp(model, cfg, mesh)       FSDP2 over mesh["dp"] (the strategies call it, or apply_ddp)
 
 Tensor parallel (Megatron's layout, with DTensor): attention's q/k/v and the MLP's gate/up are split by
@@ -31,12 +33,18 @@ from raytrainer.config import Config
 log = logging.getLogger("raytrainer.train")
 
 
-def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None = None) -> nn.Module:
-    """Tensor parallel (when mesh["tp"] has more than one rank), activation checkpointing, fp8, compile."""
+def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None = None,
+                expert_mesh: DeviceMesh | None = None) -> nn.Module:
+    """Tensor parallel (when mesh["tp"] has more than one rank), expert parallel (expert_mesh["ep"]),
+    activation checkpointing, fp8, compile."""
     from raytrainer.model.checkpointing import apply_activation_checkpointing
 
     if mesh is not None and mesh["tp"].size() > 1:
         apply_tensor_parallel(model, mesh["tp"])
+    if expert_mesh is not None:
+        from raytrainer.train.expert_parallel import shard_experts
+
+        shard_experts(model, expert_mesh["ep"])
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if cfg.precision.dtype == "fp8":
         from raytrainer.train.precision import enable_fp8
@@ -116,8 +124,12 @@ def apply_fsdp(model: nn.Module, cfg: Config, dp_mesh: DeviceMesh) -> nn.Module:
 
 
 def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
 
+    # Expert-parallel experts differ between ranks: their gradients are summed by the strategy, not averaged here
+    experts = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
     ids = [device.index] if device.type == "cuda" else None
     # The model's buffers are constants (RoPE tables), identical on every rank by construction: a
     # broadcast of them before every forward would only make each forward wait on the slowest rank.

@@ -20,12 +20,15 @@ def build_strategy(cfg: Config, model: nn.Module, rank: int, world_size: int,
     from raytrainer.train.mesh import ParallelDims
     from raytrainer.train.parallelize import parallelize
 
-    dims = ParallelDims(world_size, tp=cfg.parallel.tp)
-    mesh = None
+    dims = ParallelDims(world_size, tp=cfg.parallel.tp, ep=cfg.parallel.ep)
+    mesh = expert_mesh = None
     if dims.tp > 1:
         ensure_process_group(rank, world_size, device)
         mesh = dims.build_mesh(device.type)
-    model = parallelize(model, cfg, mesh)
+    if dims.ep > 1:
+        ensure_process_group(rank, world_size, device)
+        expert_mesh = dims.build_expert_mesh(device.type)
+    model = parallelize(model, cfg, mesh, expert_mesh)
     name = cfg.parallel.strategy
     if name == "fsdp":
         from raytrainer.train.fsdp import FSDPStrategy
@@ -38,7 +41,9 @@ def build_strategy(cfg: Config, model: nn.Module, rank: int, world_size: int,
         ensure_process_group(rank, world_size, device)
         return DeepSpeedStrategy(cfg, model, rank, world_size, device)
     if distributed():
-        return DDPStrategy(cfg, model, rank, world_size, device)
+        strategy = DDPStrategy(cfg, model, rank, world_size, device)
+        strategy.expert_mesh = expert_mesh
+        return strategy
     return SingleProcess(cfg, model, rank, world_size, device)
 
 

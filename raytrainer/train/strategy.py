@@ -36,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from raytrainer.checkpoint import dcp_io
 from raytrainer.config import Config
@@ -57,6 +59,7 @@ class Strategy:
     # What a rank reads of a checkpoint before it can say which other files its load needs
     checkpoint_index_files: tuple[str, ...] = (dcp_io.METADATA_FILE,)
     _ckpt_group: dist.ProcessGroup | None = None  # made by the first staged save on more than one rank
+    expert_mesh: DeviceMesh | None = None  # ("ep_replica", "ep") when experts are split over ranks
 
     def __init__(self, cfg: Config, module: nn.Module, rank: int = 0, world_size: int = 1,
                  device: torch.device | None = None):
@@ -83,8 +86,16 @@ class Strategy:
 
     @property
     def dims(self) -> ParallelDims:
-        """How the world divides into data-parallel replicas and tensor-parallel groups."""
-        return ParallelDims(self.world_size, tp=self.cfg.parallel.tp)
+        """How the world divides into data-parallel replicas, tensor- and expert-parallel groups."""
+        return ParallelDims(self.world_size, tp=self.cfg.parallel.tp, ep=self.cfg.parallel.ep)
+
+    def finish_gradients(self) -> None:
+        """After the last micro-step's backward: what the wrapper does not reduce (expert-parallel experts)."""
+        if self.expert_mesh is not None:
+            from raytrainer.train.expert_parallel import sync_expert_gradients
+
+            replicas = self.expert_mesh["ep_replica"]
+            sync_expert_gradients(self.module, replicas.get_group(), replicas.size(), self.dims.dp)
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return module
@@ -106,6 +117,17 @@ class Strategy:
         grads = self.grads()
         if not grads:
             return 0.0
+        sharded = [g for g in grads if isinstance(g, DTensor)]
+        if sharded and len(sharded) < len(grads):  # expert parallel: sharded experts beside replicated weights
+            plain = [g for g in grads if not isinstance(g, DTensor)]
+            squares = [float(torch.nn.utils.get_total_norm(part, foreach=True).full_tensor()) ** 2
+                       if part is sharded else float(torch.nn.utils.get_total_norm(part, foreach=True)) ** 2
+                       for part in (sharded, plain)]
+            value = math.sqrt(sum(squares))
+            if max_norm is not None and math.isfinite(value) and value > max_norm:
+                for part in (sharded, plain):
+                    torch._foreach_mul_(part, max_norm / (value + 1e-6))
+            return value
         total = torch.nn.utils.get_total_norm(grads, foreach=True)
         # DTensor (FSDP2): a norm over the local shards, reduced over ranks by full_tensor()
         value = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
