@@ -217,3 +217,15 @@ def test_an_s3_outage_shorter_than_the_retry_time_costs_no_restart(dataset, s3_s
     store = CheckpointStore(s3_url, "outage-retried", s3_server.s3_config())
     assert {20, 30} <= set(store.steps()) and store.latest_complete() == 30
     assert "checkpoint step 20 upload to" in caplog.text and "retrying for up to 300 s" in caplog.text
+
+
+def test_every_committed_checkpoint_is_registered_even_one_committed_after_the_last_log_step(dataset, tmp_path):
+    """Ray Train is told of checkpoints at log steps; one whose commit is seen later (a slow upload, or no log
+    step in between) is told of at the end, before the final one."""
+    cfg = micro_config(dataset, str(tmp_path), name="registered", steps=20,
+                       extra=["train.log_every=100", "checkpoint.every_steps=5", "checkpoint.keep_last=10"])
+    reported: list[int] = []
+    env = WorkerEnv(registers_checkpoints=True,
+                    report=lambda metrics, checkpoint_step=None: reported.append(checkpoint_step))
+    build_trainer(cfg, env, torch.device("cpu")).fit()
+    assert [s for s in reported if s is not None] == [5, 10, 15, 20]

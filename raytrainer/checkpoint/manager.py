@@ -180,6 +180,12 @@ class CheckpointManager:
         self._unregistered = [s for s in self._unregistered if s in self._complete]
         return self._unregistered.pop(0) if self._unregistered else None
 
+    def unregistered(self) -> list[int]:
+        """Rank 0: every committed step Ray Train has not been told of yet (then forgotten here), oldest first."""
+        steps = [s for s in self._unregistered if s in self._complete]
+        self._unregistered = []
+        return steps
+
     def discard_after(self, step: int) -> None:
         """Every rank: checkpoints newer than `step` belong to a branch the guardian abandoned; rank 0 deletes
         them (complete or not) before anyone goes on, so no later crash resumes there."""

@@ -227,19 +227,20 @@ class Transformer(nn.Module):
         return self.with_routing_terms(ModelOutput(logits, loss, metrics), loss_normalizer)
 
     def with_routing_terms(self, out: ModelOutput, loss_normalizer: float | None) -> ModelOutput:
-        """A mixture-of-experts model's balancing and router z-losses added to the loss (means over layers,
-        weighted like the main loss by this micro-batch's label tokens), and its routing in the metrics."""
+        """A mixture-of-experts model's balancing and router z-losses added to the loss (each layer's, summed
+        over layers as Switch and ST-MoE do, weighted like the main loss by this micro-batch's label tokens), and
+        its routing in the metrics (the terms as means per layer)."""
         stats = [m.stats for m in self.layers.modules() if isinstance(m, MoE)]
         if not stats:
             return out
         moe = self.cfg.moe
-        aux = torch.stack([s.aux_loss for s in stats]).mean()
-        z = torch.stack([s.z_loss for s in stats]).mean()
+        aux = torch.stack([s.aux_loss for s in stats]).sum()
+        z = torch.stack([s.z_loss for s in stats]).sum()
         labels = out.metrics["label_tokens"]
         weight = labels / (loss_normalizer if loss_normalizer is not None else labels.clamp(min=1))
         out.loss = out.loss + weight * (moe.aux_loss_weight * aux + moe.router_z_loss_weight * z)
         load = torch.stack([s.load for s in stats])
-        out.metrics.update(moe_aux_loss=aux.detach(), moe_z_loss=z.detach(), moe_load=load,
+        out.metrics.update(moe_aux_loss=aux.detach() / len(stats), moe_z_loss=z.detach() / len(stats), moe_load=load,
                            moe_dropped=torch.stack([s.dropped for s in stats]).sum())
         return out
 

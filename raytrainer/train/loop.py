@@ -188,8 +188,12 @@ class Trainer:
         self.note("finish", step=step, tokens_seen=self.tokens_seen)
         if self.env.registers_checkpoints:
             # Every rank reports, as at every log step; Ray registers the checkpoint only once all of them
-            # are here, so after each rank has committed its part.
+            # are here, so after each rank has committed its part. A checkpoint whose commit was seen after the
+            # last log step (a slow upload) is registered first, so Ray Train's list misses none.
             final = self.history[-1] if self.history else {"step": step}
+            late = self.env.broadcast(self.checkpoints.unregistered() if self.env.rank == 0 else None)
+            for earlier in late:
+                self.env.report(final, earlier if self.env.rank == 0 else None)
             self.env.report(final, step if self.env.rank == 0 else None)
         return {"step": step, "history": self.history}
 

@@ -1,0 +1,98 @@
+"""Tokens/s of model-parallel layouts against plain data parallel, on 2 gloo processes, side by side.
+
+The tiny preset's model (and moe-tiny's, for expert parallel) trains the same global batches in each layout:
+dp2 (DDP), dp2 with FSDP2, tp2 (tensor + sequence parallel, FSDP2 over a single replica), and for the mixture
+of experts dp2 with every expert on each rank against ep2 (experts split, all-to-all dispatch). Layouts run in
+interleaved rounds in the same two processes; each round times `--steps` steps after one warm-up step, and the
+median tokens/s per layout is reported with its ratio to its dp2 baseline. On 2 CPU cores the ratio is the cost
+of the extra communication (tp: 4 collectives per block forward and backward), not a speed-up: tensor and expert
+parallelism are for models or batches that do not fit one device. Writes bench/results/parallel_throughput.json.
+
+    .venv/bin/python bench/parallel_throughput.py [--rounds 3] [--steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from strategy_harness import load_result, save_result, spawn  # noqa: E402
+
+from raytrainer.config import load_config  # noqa: E402
+
+SHAPE = ["train.seq_len=256", "train.global_batch_tokens=8192", "train.micro_batch_size=8",
+         "parallel.min_workers=2", "parallel.max_workers=2", "optim.grad_clip=1.0"]
+LAYOUTS = {
+    "dp2": ("tiny", ["parallel.strategy=ddp"]),
+    "fsdp2": ("tiny", ["parallel.strategy=fsdp"]),
+    "tp2": ("tiny", ["parallel.strategy=fsdp", "parallel.tp=2"]),
+    "moe-dp2": ("moe-tiny", ["parallel.strategy=ddp"]),
+    "moe-ep2": ("moe-tiny", ["parallel.strategy=ddp", "parallel.ep=2"]),
+}
+BASELINE = {"dp2": "dp2", "fsdp2": "dp2", "tp2": "dp2", "moe-dp2": "moe-dp2", "moe-ep2": "moe-dp2"}
+
+
+def batches(cfg, step: int, replica: int, replicas: int) -> list[dict]:
+    g = torch.Generator().manual_seed(step)
+    rows = cfg.rows_per_global_batch(step)
+    tokens = torch.randint(0, cfg.model.vocab_size, (rows, cfg.train.seq_len + 1), generator=g)
+    per = math.ceil(rows / replicas)
+    mine = tokens[replica * per:(replica + 1) * per]
+    size = cfg.train.micro_batch_size
+    return [{"input_ids": mine[i:i + size, :-1], "labels": mine[i:i + size, 1:]} for i in range(0, len(mine), size)]
+
+
+def run(rank: int, world_size: int, out_dir: Path, rounds: int, steps: int) -> None:
+    from raytrainer.model import Transformer
+    from raytrainer.train.engine import StepEngine
+    from raytrainer.train.strategies import build_strategy
+
+    rates: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+    for _ in range(rounds):
+        for name, (preset, overrides) in LAYOUTS.items():
+            cfg = load_config(preset, [*SHAPE, *overrides])
+            torch.manual_seed(0)
+            strategy = build_strategy(cfg, Transformer(cfg.model), rank, world_size, torch.device("cpu"))
+            engine = StepEngine(strategy.model, cfg, strategy)
+            dims = strategy.dims
+            for step in range(steps + 1):
+                if step == 1:
+                    t0 = time.perf_counter()
+                engine.forward_backward(batches(cfg, step, dims.dp_rank(rank), dims.dp), step)
+                engine.apply()
+            rates[name].append(steps * cfg.train.global_batch_tokens / (time.perf_counter() - t0))
+    save_result(out_dir, "rates", rank, rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    out = RESULTS / "parallel_throughput"
+    spawn(run, 2, out, args.rounds, args.steps)
+    rates = load_result(out, "rates", 0)
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    result = {"rounds": args.rounds, "steps": args.steps, "tokens_per_s": medians,
+              "ratio_to_baseline": {n: medians[n] / medians[BASELINE[n]] for n in medians}}
+    for name, rate in medians.items():
+        print(f"{name:8s} {rate:8.0f} tokens/s  x{rate / medians[BASELINE[name]]:.2f} of {BASELINE[name]}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "parallel_throughput.json").write_text(json.dumps(result, indent=2))
+    print(f"tp2_vs_dp2: {result['ratio_to_baseline']['tp2']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
