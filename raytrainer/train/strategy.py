@@ -120,10 +120,9 @@ class Strategy:
         sharded = [g for g in grads if isinstance(g, DTensor)]
         if sharded and len(sharded) < len(grads):  # expert parallel: sharded experts beside replicated weights
             plain = [g for g in grads if not isinstance(g, DTensor)]
-            squares = [float(torch.nn.utils.get_total_norm(part, foreach=True).full_tensor()) ** 2
-                       if part is sharded else float(torch.nn.utils.get_total_norm(part, foreach=True)) ** 2
-                       for part in (sharded, plain)]
-            value = math.sqrt(sum(squares))
+            sharded_norm = float(torch.nn.utils.get_total_norm(sharded, foreach=True).full_tensor())
+            plain_norm = float(torch.nn.utils.get_total_norm(plain, foreach=True))
+            value = math.hypot(sharded_norm, plain_norm)
             if max_norm is not None and math.isfinite(value) and value > max_norm:
                 for part in (sharded, plain):
                     torch._foreach_mul_(part, max_norm / (value + 1e-6))
