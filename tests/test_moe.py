@@ -210,3 +210,13 @@ def test_a_mixture_of_experts_is_not_exported_as_a_dense_model(tmp_path):
     with pytest.raises(ExportRefused, match=r"model.moe \(a mixture of 4 experts\) has no Hugging Face export"):
         export_hf(moe_config(), str(tmp_path / "run"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dense_hugging_face_model_is_not_imported_into_experts(tmp_path):
+    import json
+
+    from raytrainer.hf.weights import ImportRefused, check_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ImportRefused, match=r"is a dense llama model, but model.moe makes a mixture of experts"):
+        check_hf_config(moe_config().model, tmp_path)
