@@ -28,9 +28,8 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from strategy_harness import load_result, save_result, spawn  # noqa: E402
-
 from raytrainer.config import load_config  # noqa: E402
+from strategy_harness import load_result, save_result, spawn  # noqa: E402
 
 SHAPE = ["train.seq_len=256", "train.global_batch_tokens=8192", "train.micro_batch_size=8",
          "parallel.min_workers=2", "parallel.max_workers=2", "optim.grad_clip=1.0"]

@@ -163,7 +163,12 @@ def train_steps(engine, cfg: Config, steps, rank: int, world_size: int) -> list[
 
 @torch.no_grad()
 def probe_logits(strategy, cfg: Config) -> torch.Tensor:
-    return strategy.model(probe_batch(cfg)).logits.detach().float().clone()
+    logits = strategy.model(probe_batch(cfg)).logits.detach().float()
+    if strategy.dims.tp > 1:  # each rank of a tensor-parallel group has its slice of the vocabulary
+        parts = [torch.empty_like(logits) for _ in range(strategy.dims.tp)]
+        dist.all_gather(parts, logits.contiguous(), group=strategy.mesh["tp"].get_group())
+        logits = torch.cat(parts, dim=-1)
+    return logits.clone()
 
 
 def merge_rank_dirs(rank_dirs: list[Path], into: Path) -> Path:

@@ -114,3 +114,41 @@ def test_checkpoints_move_between_tensor_and_data_parallel_meshes(tmp_path):
     with torch.no_grad():
         logits = model(probe_batch(cfg)).logits
     torch.testing.assert_close(logits, tp2["logits"], rtol=1e-5, atol=1e-5)
+
+
+def run_vocab_parallel_loss(rank: int, world_size: int, out_dir) -> None:
+    from raytrainer.model.loss import token_loss_sums
+    from raytrainer.train.vocab_parallel_loss import vocab_parallel_loss_sums
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 12, generator=g) * 3
+    labels = torch.randint(0, 12, (2, 5), generator=g)
+    labels[0, :2] = -100  # ignored positions
+    results = {}
+    for smoothing, z_weight in ((0.0, 0.0), (0.1, 0.0), (0.0, 1e-2), (0.2, 1e-3)):
+        whole = logits.clone().requires_grad_()
+        ref = token_loss_sums(whole, labels, smoothing, z_weight)
+        (ref.objective * 0.7).backward()
+        mine = logits[..., rank * 6:(rank + 1) * 6].clone().requires_grad_()
+        out = vocab_parallel_loss_sums(mine, labels, smoothing, z_weight, vocab_start=rank * 6, vocab_size=12,
+                                       group=dist.group.WORLD)
+        (out.objective * 0.7).backward()
+        results[(smoothing, z_weight)] = {
+            "got": torch.stack([out.objective.detach(), out.ce, out.z, out.count.double()]),
+            "want": torch.stack([ref.objective.detach(), ref.ce, ref.z, ref.count.double()]),
+            "grad": mine.grad, "want_grad": whole.grad[..., rank * 6:(rank + 1) * 6],
+            "token_ce": out.token_ce}
+    save_result(out_dir, "loss", rank, results)
+
+
+@pytest.mark.slow
+def test_the_vocab_parallel_loss_equals_the_whole_loss_and_its_gradients(tmp_path):
+    """Logits split by vocabulary over two ranks: smoothing, z-loss and ignored positions as on whole logits."""
+    spawn(run_vocab_parallel_loss, 2, tmp_path)
+    for rank in range(2):
+        for terms, r in load_result(tmp_path, "loss", rank).items():
+            torch.testing.assert_close(r["got"].double(), r["want"].double(), rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, t=terms: f"{t}: {m}")
+            torch.testing.assert_close(r["grad"], r["want_grad"], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, t=terms: f"{t} gradients: {m}")
+            assert r["token_ce"].shape == (2, 5) and (r["token_ce"][0, :2] == 0).all()

@@ -21,6 +21,7 @@ class LossSums:
     ce: torch.Tensor  # plain CE sum, detached, for logging
     z: torch.Tensor  # sum of logsumexp(logits)^2, detached (0 when the z-loss is off)
     count: torch.Tensor  # label tokens (int64)
+    token_ce: torch.Tensor | None = None  # every token's CE, detached, where the logits are not whole to read it
 
 
 def token_loss_sums(
@@ -92,13 +93,15 @@ def compute_loss(
     mtp_weight: float = 0.0,
     doc_ids: torch.Tensor | None = None,
     loss_normalizer: float | None = None,
+    sums=token_loss_sums,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The scalar loss and detached metrics (ce, label_tokens, and z_loss / mtp_ce when in use).
 
     mtp_logits[k - 1] predicts the token k positions beyond the main head's target; the MTP term is
-    mtp_weight times the mean over heads of their (smoothed) CE sums.
+    mtp_weight times the mean over heads of their (smoothed) CE sums. `sums` computes the main head's sums
+    (a tensor-parallel model's logits are split by vocabulary, and so is their loss).
     """
-    main = token_loss_sums(logits, labels, label_smoothing, z_loss_weight)
+    main = sums(logits, labels, label_smoothing, z_loss_weight)
     mtp = [token_loss_sums(head, shift_labels(labels, doc_ids, k), label_smoothing)
            for k, head in enumerate(mtp_logits or [], start=1)]
     return combine_loss(main, mtp, z_loss_weight=z_loss_weight, mtp_weight=mtp_weight,
@@ -110,6 +113,8 @@ def combine_loss(main: LossSums, mtp: list[LossSums], *, z_loss_weight: float = 
     """The scalar loss and its metrics from the main head's sums and each MTP head's."""
     count = main.count.clamp(min=1)  # an all-ignored micro-batch gives loss 0, not NaN
     metrics = {"ce": main.ce / count, "label_tokens": main.count.detach()}
+    if main.token_ce is not None:
+        metrics["token_ce"] = main.token_ce
     total = main.objective
     if z_loss_weight > 0:
         metrics["z_loss"] = main.z / count

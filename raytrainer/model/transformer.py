@@ -27,7 +27,7 @@ from raytrainer.config import ModelConfig
 from raytrainer.model.attention import AttentionMask, attention, build_mask
 from raytrainer.model.fused_loss import chunked_loss_sums
 from raytrainer.model.kv_cache import KVCache, LayerCache
-from raytrainer.model.loss import combine_loss, compute_loss, shift_labels
+from raytrainer.model.loss import combine_loss, compute_loss, shift_labels, token_loss_sums
 from raytrainer.model.moe import MoE
 from raytrainer.model.rope import RotaryEmbedding, apply_rope
 
@@ -131,6 +131,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.mtp_heads))
+        # The main head's loss sums from its logits; replaced where the logits are split (tensor parallel)
+        self.token_loss_sums = token_loss_sums
         self.init_weights()
 
     @torch.no_grad()
@@ -223,6 +225,7 @@ class Transformer(nn.Module):
             mtp_weight=self.cfg.mtp_weight,
             doc_ids=doc_ids,
             loss_normalizer=loss_normalizer,
+            sums=self.token_loss_sums,
         )
         return self.with_routing_terms(ModelOutput(logits, loss, metrics), loss_normalizer)
 

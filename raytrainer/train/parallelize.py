@@ -13,7 +13,9 @@ output features (each rank holds n_heads/tp heads and hidden/tp MLP units), o_pr
 features, so one block costs two reductions forward and two backward. Sequence parallel: between those,
 the residual stream and the norms are split along the sequence, each reduction a reduce-scatter and each
 entry into attention or the MLP an all-gather, so no rank holds a whole row's activations outside them.
-The embedding is split by vocabulary, lm_head by vocabulary too; the logits are gathered whole for the loss.
+The embedding is split by vocabulary, lm_head by vocabulary too, and the logits stay split: the loss is
+computed on each rank's slice (raytrainer.train.vocab_parallel_loss), so no rank holds a whole row of logits.
+A forward without labels returns this rank's slice of the logits.
 
 Parameter names do not change, so checkpoints, EMA and exports read the same keys; DCP stores tensor-parallel
 shards by their global offsets, so a checkpoint saved on one mesh loads on another.
@@ -21,6 +23,7 @@ shards by their global offsets, so a checkpoint saved on one mesh loads on anoth
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -29,6 +32,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from raytrainer.config import Config
+from raytrainer.train.vocab_parallel_loss import vocab_parallel_loss_sums
 
 log = logging.getLogger("raytrainer.train")
 
@@ -76,11 +80,15 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         # tokens in whole; out: each rank's slice of the sequence (the embedding rows are split by vocabulary)
         "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
-        # the whole sequence in, a slice of the vocabulary out, gathered whole for the loss
-        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+        # the whole sequence in, this rank's slice of the vocabulary out, never gathered: the loss is split too
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1)),
     })
     if tied:  # both split by vocabulary rows (Shard(0)): one parameter again
         model.lm_head.weight = model.embed_tokens.weight
+    vocab_slice = model.cfg.vocab_size // tp_mesh.size()
+    model.token_loss_sums = functools.partial(vocab_parallel_loss_sums, group=tp_mesh.get_group(),
+                                              vocab_start=tp_mesh.get_local_rank() * vocab_slice,
+                                              vocab_size=model.cfg.vocab_size)
     for block in model.layers:
         plan = {
             "input_layernorm": SequenceParallel(),
