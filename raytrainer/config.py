@@ -136,6 +136,9 @@ class MoEConfig(Section):
     # aux_loss: a load-balancing loss (Switch/GShard); bias: DeepSeek-V3's auxiliary-loss-free balancing, a
     # per-expert bias on the routing scores nudged after every step towards equal load
     balance: Literal["aux_loss", "bias"] = "aux_loss"
+    # softmax: Switch/Mixtral scores, competing across experts; sigmoid: DeepSeek-V3's independent affinities
+    # (the chosen ones renormalised), which its bias balancing was made for
+    score: Literal["softmax", "sigmoid"] = "softmax"
     aux_loss_weight: float = Field(0.01, ge=0)
     bias_update_rate: float = Field(1e-3, ge=0)
     router_z_loss_weight: float = Field(1e-3, ge=0)  # ST-MoE's router z-loss: weight * logsumexp(logits)^2

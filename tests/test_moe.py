@@ -33,13 +33,15 @@ def expert(m: MoE, e: int, x: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, w.gate_proj[e])) * F.linear(x, w.up_proj[e]), w.down_proj[e])
 
 
-def test_every_token_gets_its_top_k_experts_weighted_by_renormalised_scores():
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_every_token_gets_its_top_k_experts_weighted_by_renormalised_scores(score):
     for shared in (0, 1):
-        m = layer(shared_experts=shared)
+        m = layer(shared_experts=shared, score=score)
         x = torch.randn(2, 7, 32)
         y = m(x)
         h = x.reshape(-1, 32)
-        scores = m.router.gate(h).softmax(-1)
+        logits = m.router.gate(h)
+        scores = logits.softmax(-1) if score == "softmax" else logits.sigmoid()
         want = torch.zeros_like(h)
         for t in range(h.shape[0]):  # one token at a time, the plain way
             top = scores[t].topk(2)
@@ -90,8 +92,9 @@ def test_the_balancing_loss_evens_out_a_skewed_router():
     assert before > 1.5 and imbalance(m, h) < 1.2
 
 
-def test_bias_balancing_evens_out_a_skewed_router_without_gradients():
-    m = layer(balance="bias")
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_bias_balancing_evens_out_a_skewed_router_without_gradients(score):
+    m = layer(balance="bias", score=score)
     skewed(m)
     h = torch.randn(256, 32).abs()
     before = imbalance(m, h)
@@ -104,7 +107,8 @@ def test_bias_balancing_evens_out_a_skewed_router_without_gradients():
     assert before > 1.5 and imbalance(m, h) < 1.2
     # the bias steers the choice only: the chosen experts' weights are still their renormalised scores
     m(h[None])
-    scores = m.router.gate(h).softmax(-1)
+    logits = m.router.gate(h)
+    scores = logits.softmax(-1) if score == "softmax" else logits.sigmoid()
     chosen = (scores + m.router.bias).topk(2).indices
     assert not torch.equal(chosen, scores.topk(2).indices)
 

@@ -2,8 +2,9 @@
 
     y = sum over the token's chosen experts e of  weight_e * expert_e(x)   (+ shared experts, for every token)
 
-Routing: softmax scores over the experts; the top_k are chosen (with balance=bias, on the scores plus a
-per-expert bias that only steers the choice) and their scores, renormalised to sum to 1, weigh the outputs.
+Routing: scores over the experts (softmax, or DeepSeek-V3's sigmoid affinities with score=sigmoid); the top_k
+are chosen (with balance=bias, on the scores plus a per-expert bias that only steers the choice) and their
+scores, renormalised to sum to 1, weigh the outputs.
 
 Balancing, one of:
 - aux_loss (Switch Transformer / GShard): n_experts * sum_e f_e * P_e, where f_e is the fraction of routed
@@ -49,7 +50,7 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         moe = cfg.moe
-        self.n_experts, self.top_k, self.balance = moe.n_experts, moe.top_k, moe.balance
+        self.n_experts, self.top_k, self.balance, self.score = moe.n_experts, moe.top_k, moe.balance, moe.score
         self.gate = nn.Linear(cfg.d_model, moe.n_experts, bias=False)
         # DeepSeek-V3's balancing bias: state of the run (checkpointed), changed only by update_balance_bias
         self.register_buffer("bias", torch.zeros(moe.n_experts, dtype=torch.float32))
@@ -57,7 +58,7 @@ class Router(nn.Module):
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [N, d] -> (weights [N, k], experts [N, k], aux loss, z loss)."""
         logits = self.gate(h).float()
-        scores = logits.softmax(dim=-1)
+        scores = logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()
         choosing = scores + self.bias if self.balance == "bias" else scores
         experts = choosing.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, experts)
@@ -66,7 +67,8 @@ class Router(nn.Module):
         if self.balance == "aux_loss":
             slots = torch.zeros_like(scores).scatter_(1, experts, 1.0)
             fraction = slots.mean(0) / self.top_k  # f_e: the share of routed slots expert e got
-            aux = self.n_experts * (fraction * scores.mean(0)).sum()
+            share = scores / scores.sum(dim=-1, keepdim=True)  # P_e from each token's scores summing to 1
+            aux = self.n_experts * (fraction * share.mean(0)).sum()
         else:
             aux = logits.new_zeros(())
         return weights.type_as(h), experts, aux, z_loss
