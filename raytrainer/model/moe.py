@@ -147,7 +147,3 @@ def update_balance_bias(model: nn.Module, load: torch.Tensor, rate: float) -> No
     routers = [m for m in model.modules() if isinstance(m, Router) and m.balance == "bias"]
     for router, layer_load in zip(routers, load, strict=True):
         router.bias += rate * torch.sign(layer_load.mean() - layer_load).to(router.bias)
-
-
-def moe_layers(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
