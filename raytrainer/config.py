@@ -379,6 +379,14 @@ class ParallelConfig(Section):
     # Expert parallel degree (a mixture-of-experts model): groups of ep data-parallel ranks split every MoE
     # layer's experts between them, tokens travelling to their experts by all-to-all.
     ep: int = Field(1, ge=1)
+    # Pipeline parallel degree: the model's layers split into pp stages held by consecutive groups of tp ranks,
+    # micro-batches (train.micro_batch_size rows, as many as a replica's accumulation steps) flowing through them.
+    pp: int = Field(1, ge=1)
+    # gpipe: every forward, then every backward (activations of every micro-batch held at once); 1f1b: one forward,
+    # one backward in the steady state (at most pp micro-batches in flight); interleaved_1f1b: 1f1b over
+    # pp_stages_per_rank smaller stages per rank, a smaller bubble for more messages.
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    pp_stages_per_rank: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check_range(self) -> ParallelConfig:
@@ -389,10 +397,13 @@ class ParallelConfig(Section):
         if self.offload_params and not (self.strategy == "deepspeed" and self.zero_stage == 3):
             raise ValueError("parallel.offload_params needs parallel.strategy=deepspeed with zero_stage=3")
         for key in ("min_workers", "max_workers"):
-            for group in ("tp", "ep"):
+            for group in ("tp", "ep", "pp"):
                 if getattr(self, key) % getattr(self, group):
                     raise ValueError(f"parallel.{key}={getattr(self, key)} is not a multiple of parallel.{group}="
                                      f"{getattr(self, group)}: a run grows and shrinks in whole groups")
+            if getattr(self, key) % self.replica_size:
+                raise ValueError(f"parallel.{key}={getattr(self, key)} is not a multiple of parallel.tp x parallel.pp"
+                                 f"={self.replica_size}: a run grows and shrinks in whole replicas")
         if self.tp > 1 and self.strategy != "fsdp":
             raise ValueError(f"parallel.tp={self.tp} needs parallel.strategy=fsdp (now {self.strategy}): "
                              "tensor-parallel parameters are DTensors, which FSDP2 shards over the data-parallel "
@@ -400,9 +411,14 @@ class ParallelConfig(Section):
         return self
 
     @property
+    def replica_size(self) -> int:
+        """Workers holding one copy of the model between them (tensor-parallel ranks x pipeline stages)."""
+        return self.tp * self.pp
+
+    @property
     def max_replicas(self) -> int:
         """The most data-parallel replicas a run has: how many ways a global batch may be split."""
-        return self.max_workers // self.tp
+        return self.max_workers // self.replica_size
 
 
 class CheckpointConfig(Section):
@@ -576,6 +592,7 @@ class Config(Section):
                     f"global batch of {rows} rows (train.global_batch_tokens={t.global_batch_tokens} / "
                     f"seq_len {seq_len}) is smaller than parallel.max_workers={self.parallel.max_workers}"
                     + (f" / parallel.tp={self.parallel.tp}" if self.parallel.tp > 1 else "")
+                    + (f" / parallel.pp={self.parallel.pp}" if self.parallel.pp > 1 else "")
                     + "; every data-parallel replica needs at least one row"
                 )
         for f in self.faults:
@@ -583,6 +600,7 @@ class Config(Section):
                 raise ValueError(f"faults: injection at step {f.step} is past train.steps={t.steps}")
         self._check_tensor_parallel()
         self._check_expert_parallel()
+        self._check_pipeline_parallel()
         mlm = self.data.objective == "mlm"
         if mlm != self.model.bidirectional:
             raise ValueError(
@@ -627,6 +645,64 @@ class Config(Section):
         for key, used in unsupported.items():
             if used:
                 raise ValueError(f"{key} with parallel.tp={tp} is not supported yet: turn one of them off")
+
+
+    def _check_pipeline_parallel(self) -> None:
+        p, m = self.parallel, self.model
+        stages = p.pp * p.pp_stages_per_rank
+        if p.pp_stages_per_rank > 1 and p.pp_schedule != "interleaved_1f1b":
+            raise ValueError(f"parallel.pp_stages_per_rank={p.pp_stages_per_rank} needs parallel.pp_schedule="
+                             f"interleaved_1f1b (now {p.pp_schedule}): only it runs several stages per rank")
+        if p.pp == 1:
+            return
+        if p.pp_schedule == "interleaved_1f1b" and p.pp_stages_per_rank < 2:
+            raise ValueError("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_stages_per_rank >= 2 (stages "
+                             "per rank); with one, use parallel.pp_schedule=1f1b")
+        if m.n_layers % stages:
+            raise ValueError(f"model.n_layers={m.n_layers} does not split into parallel.pp x "
+                             f"parallel.pp_stages_per_rank={stages} stages of equal depth; valid pp x stages per rank: "
+                             f"{[d for d in _divisors(m.n_layers) if d > 1]}")
+        unsupported = {
+            "model.tie_embeddings": m.tie_embeddings,  # the embedding is on the first stage, lm_head on the last
+            "model.mtp_heads": m.mtp_heads > 0,
+            "model.loss.chunk_tokens": bool(m.loss.chunk_tokens),
+            "model.moe": m.moe is not None,
+            "model.lora": m.lora is not None,
+            "parallel.tp": p.tp > 1,
+            "parallel.ep": p.ep > 1,
+            f"parallel.strategy={p.strategy}": p.strategy != "ddp",
+            "precision.dtype=fp16": self.precision.dtype == "fp16",
+        }
+        for key, used in unsupported.items():
+            if used:
+                raise ValueError(f"{key} with parallel.pp={p.pp} is not supported yet: turn one of them off "
+                                 "(pipeline parallel runs with parallel.strategy=ddp over the replicas)")
+        for f in self.faults:
+            stage = f.rank // p.tp % p.pp
+            if f.kind in ("nan_loss", "grad_explode", "slow_rank") and stage != p.pp - 1:
+                raise ValueError(f"faults: {f.kind} at step {f.step} on rank {f.rank}, which holds pipeline stage "
+                                 f"{stage}; with parallel.pp={p.pp} it works through the loss, on the last stage's "
+                                 f"ranks ({(p.pp - 1) * p.tp}, {(p.pp - 1) * p.tp + p.replica_size}, ...)")
+        starts = {0, *(phase.start_step for phase in self.data.phases)}
+        # every micro-batch count a replica can take: any number of replicas an elastic run may have, every phase
+        counts = {self.accumulation_steps(start, replicas) for start in starts
+                  for replicas in range(max(1, p.min_workers // p.replica_size), p.max_replicas + 1)}
+        if p.pp_schedule == "interleaved_1f1b":
+            for m in sorted(counts):
+                rounds = max(1, m // p.pp)
+                if m % rounds:
+                    raise ValueError(f"parallel.pp_schedule=interleaved_1f1b runs micro-batches in rounds of "
+                                     f"parallel.pp={p.pp}; a replica would take {m} per step, not a multiple of "
+                                     f"{rounds} rounds: change train.micro_batch_size or train.global_batch_tokens, or "
+                                     "use parallel.pp_schedule=1f1b")
+        if p.pp_schedule != "gpipe":
+            fewest = min(counts)  # every replica present, the shortest rows
+            if fewest < p.pp:
+                raise ValueError(f"parallel.pp_schedule={p.pp_schedule} needs at least parallel.pp={p.pp} "
+                                 f"micro-batches per step, but a replica takes {fewest} in some phase "
+                                 "(train.global_batch_tokens / seq_len / replicas / train.micro_batch_size): lower "
+                                 "train.micro_batch_size, raise "
+                                 "train.global_batch_tokens, or use parallel.pp_schedule=gpipe")
 
 
 def _divisors(n: int) -> list[int]:

@@ -157,7 +157,7 @@ def build_torch_trainer(cfg: Config, storage_path: str, storage_filesystem: Any)
         run_config=run_config,
         torch_config=TorchConfig(backend=backend),
         first_start_timeout_s=first_start_timeout_s(cfg),
-        workers_per_replica=cfg.parallel.tp * cfg.parallel.ep,
+        workers_per_replica=cfg.parallel.replica_size * cfg.parallel.ep,
         run_name=cfg.run.name if cfg.guardian.enabled else None,
         restart_timeout_s=p.worker_restart_timeout_s,
     )

@@ -1,12 +1,13 @@
-"""FSDP and DeepSpeed through the whole training loop and checkpoint store.
+"""FSDP, DeepSpeed and pipeline parallel through the whole training loop and checkpoint store.
 
 - A DeepSpeed run on 2 ranks, resumed from its mid-run checkpoint on 1 rank (the store merges each rank's
   own files; the load converts them to a universal checkpoint), continues along the loss curve the 2-rank
-  run itself took from there. (FSDP's DCP files take the same path through the store as DDP's;
-  tests/test_fsdp.py covers their resharding.)
-- The guardian with each sharded strategy on 2 ranks: an exploding gradient on one rank is skipped on
-  every rank, a second one rolls every rank back in place to the last healthy checkpoint, and the replayed
-  step reproduces the loss it had the first time (the sharded model and optimizer really went back)."""
+  run itself took from there; so does a 2-stage pipeline's run, resumed without a pipeline. (FSDP's DCP files
+  take the same path through the store as DDP's; tests/test_fsdp.py covers their resharding.)
+- The guardian with each sharded strategy, and with a 2-stage pipeline, on 2 ranks: an exploding gradient on
+  one rank is skipped on every rank, a second one rolls every rank back in place to the last healthy
+  checkpoint, and the replayed step reproduces the loss it had the first time (the sharded model and optimizer
+  really went back)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,15 @@ from raytrainer.checkpoint import CheckpointStore
 from runs import make_dataset, micro_config
 from strategy_harness import load_result, save_result, spawn
 
+PIPELINE = ("parallel.pp=2", "parallel.min_workers=2", "model.tie_embeddings=false")
+
 
 def run_loop(rank: int, world_size: int, out_dir, dataset, storage: str, extra: tuple, tag: str):
     from raytrainer.train.loop import WorkerEnv
     from raytrainer.train.ray_entry import broadcast_from_rank0, build_trainer
 
+    if world_size == 1:  # the same model without a pipeline
+        extra = tuple(e for e in extra if not e.startswith(("parallel.pp", "parallel.min_workers")))
     cfg = micro_config(dataset, storage, name="elastic", steps=6,
                        extra=["parallel.max_workers=2", "guardian.enabled=false", "checkpoint.every_steps=3",
                               *extra])
@@ -62,7 +67,8 @@ def dataset(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [("parallel.strategy=deepspeed", "parallel.zero_stage=2")], ids=["zero2"])
+@pytest.mark.parametrize("extra", [("parallel.strategy=deepspeed", "parallel.zero_stage=2"), PIPELINE],
+                         ids=["zero2", "pp2"])
 def test_two_rank_run_resumes_on_one_rank_along_the_same_curve(extra, dataset, tmp_path):
     two = tmp_path / "two"
     spawn(run_loop, 2, tmp_path, dataset, str(two), extra, "two")
@@ -83,8 +89,11 @@ def test_two_rank_run_resumes_on_one_rank_along_the_same_curve(extra, dataset, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [("parallel.strategy=fsdp",),
-                                   ("parallel.strategy=deepspeed", "parallel.zero_stage=2")],
-                         ids=["fsdp", "zero2"])
+                                   ("parallel.strategy=deepspeed", "parallel.zero_stage=2"),
+                                   # the loss is computed on the last stage: both explosions there
+                                   (*PIPELINE, "faults=[{step: 5, kind: grad_explode, rank: 1}, "
+                                               "{step: 9, kind: grad_explode, rank: 1}]")],
+                         ids=["fsdp", "zero2", "pp2"])
 def test_guardian_skips_then_rolls_back_every_rank_in_place(extra, dataset, tmp_path):
     from raytrainer.fault.events import RunStore, read_events
 

@@ -106,8 +106,9 @@ class StepEngine:
         t0 = time.perf_counter()
         s = self.strategy
         device = s.device
-        # Every rank of a tensor-parallel group trains on the same rows: `copies` of each row across the world.
-        copies = s.dims.tp
+        # Every rank of a replica (a tensor-parallel group, a pipeline's stages) trains on the same rows: `copies` of
+        # each row across the world; `loss_copies` of its loss (the ranks of the stage that computes it).
+        copies, loss_copies = s.dims.replica_size, s.dims.tp
         local_labels = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
         global_labels = s.all_reduce_sum(local_labels) / copies
         normalizer = max(global_labels, 1.0) / s.dims.dp
@@ -118,17 +119,31 @@ class StepEngine:
         causal = not self.cfg.model.bidirectional
         pairs = sum(attended_pairs(mb.get("doc_ids"), tuple(mb["input_ids"].shape), causal) for mb in micro_batches)
         routing = RoutingTally(self.cfg.model)
-        for i, mb in enumerate(micro_batches):
+
+        def take(out) -> None:  # what a step keeps of a micro-batch's output
+            nonlocal ce_sum
+            ce_sum += out.metrics["ce"].detach().double() * out.metrics["label_tokens"]
+            routing.add(out.metrics)
+            if per_token is not None:
+                per_token.append(out.metrics["token_ce"].cpu())
+
+        pipeline = getattr(s, "pipeline", None)
+        if pipeline is not None:  # the schedule runs every micro-batch; the losses come out at the last stage
+            blocks_before = pipeline.block_seconds
+            with autocast(self.cfg.precision.dtype, device):
+                outputs = pipeline.train(micro_batches, normalizer, self.scaler.scale_loss, token_losses)
+            for out in outputs:
+                take(out)
+            forward.total += pipeline.block_seconds - blocks_before
+        for i, mb in enumerate(micro_batches if pipeline is None else []):
             inputs = {k: mb[k].to(device, non_blocking=True) for k in BATCH_KEYS if mb.get(k) is not None}
             with contextlib.nullcontext() if i == last else s.no_sync():
                 with autocast(self.cfg.precision.dtype, device), forward:
                     out = self.model(**inputs, loss_normalizer=normalizer)
                 s.backward(self.scaler.scale_loss(out.loss))
-            ce_sum += out.metrics["ce"].detach().double() * out.metrics["label_tokens"]
-            routing.add(out.metrics)
-            if per_token is not None:
-                tokens = out.metrics.get("token_ce")  # the chunked loss has no logits to read them from
-                per_token.append((tokens if tokens is not None else token_ce(out.logits, inputs["labels"])).cpu())
+            if per_token is not None and "token_ce" not in out.metrics:  # the chunked loss has no logits
+                out.metrics["token_ce"] = token_ce(out.logits, inputs["labels"])
+            take(out)
         s.finish_gradients()
         t_backward = time.perf_counter()
         for hook in self.gradient_hooks:
@@ -142,7 +157,7 @@ class StepEngine:
         per_rank = s.all_gather_floats([float(ce_sum), data_wait_s + time.perf_counter() - t0, data_wait_s,
                                         float(grad_norm), data_wait_s + forward.seconds(), float(stopping),
                                         float(pairs), *routing.load_values()])
-        loss = math.fsum(r[0] for r in per_rank) / copies / max(global_labels, 1.0)
+        loss = math.fsum(r[0] for r in per_rank) / loss_copies / max(global_labels, 1.0)
 
         # Judged on every rank's norm, so that every rank takes the same view of whether it may apply.
         grads_finite = all(math.isfinite(r[3]) for r in per_rank)
@@ -207,9 +222,18 @@ class StepEngine:
         labels = 0
         was_training = self.model.training
         self.model.eval()
+        s.module.eval()  # a pipeline's stages are under its part of the model, not under the loss module
+        pipeline = getattr(s, "pipeline", None)
         try:
             with torch.no_grad():
                 for micro_batches in batches:
+                    if pipeline is not None:
+                        with autocast(self.cfg.precision.dtype, s.device):
+                            outputs = pipeline.evaluate(micro_batches)  # the last stage's, none elsewhere
+                        for out in outputs:
+                            ce_sum += out.metrics["ce"].double() * out.metrics["label_tokens"]
+                        labels += sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+                        continue
                     for mb in micro_batches:
                         inputs = {k: mb[k].to(s.device, non_blocking=True) for k in BATCH_KEYS if mb.get(k) is not None}
                         n = int((mb["labels"] != IGNORE_INDEX).sum())
@@ -220,9 +244,10 @@ class StepEngine:
                             labels += n
         finally:
             self.model.train(was_training)
-        copies = s.dims.tp  # the ranks of a tensor-parallel group evaluate the same rows
-        total = s.all_reduce_sum(float(ce_sum)) / copies
-        count = round(s.all_reduce_sum(labels) / copies)
+            s.module.train(was_training)
+        # the ranks of a replica evaluate the same rows; those of its last stage compute their losses
+        total = s.all_reduce_sum(float(ce_sum)) / s.dims.tp
+        count = round(s.all_reduce_sum(labels) / s.dims.replica_size)
         return total / max(count, 1), count
 
     def apply(self, skip: bool = False, lr_factor: float = 1.0) -> bool:

@@ -333,8 +333,8 @@ class Trainer:
         """Every rank: its rows' token losses by document. Rank 0 gets every rank's, united, the likely culprits
         named by their first characters; the others get None."""
         mine: list[DocumentLoss] = []
-        # the ranks of a tensor-parallel group hold the same rows: the group's first speaks for them
-        speaks = self.engine.strategy.dims.tp_rank(self.env.rank) == 0
+        # the ranks of a replica hold the same rows: the one that computed their losses speaks for them
+        speaks = self.engine.strategy.dims.holds_losses(self.env.rank)
         first, end = self.feed.last_rows if stats.token_ce and speaks else (0, 0)
         n = end - first
         if n > 0:

@@ -31,7 +31,7 @@ def broadcast_from_rank0(obj):
 
 
 def group_broadcast(mesh) -> Callable[[Any], Any]:
-    """The first rank's object to every rank of a one-dimensional mesh (a tensor-parallel group)."""
+    """The first rank's object to every rank of a one-dimensional mesh (a replica's ranks)."""
     group, first = mesh.get_group(), mesh.mesh[0].item()
 
     def broadcast(obj):
@@ -76,15 +76,15 @@ def build_trainer(cfg: Config, env: WorkerEnv, device: torch.device, guardian=No
     strategy = build_strategy(cfg, model, env.rank, env.world_size, device)
     engine = StepEngine(strategy.model, cfg, strategy)
     checkpoints = CheckpointManager(cfg, env, store=store)
-    # Data-parallel replicas split every global batch; the ranks of a tensor-parallel group share their rows,
-    # which the group's first rank reads and sends to the others.
+    # Data-parallel replicas split every global batch; the ranks of a replica (tensor-parallel ranks, pipeline
+    # stages) share their rows, which the replica's first rank reads and sends to the others.
     dims = strategy.dims
     replica, replicas = dims.dp_rank(env.rank), dims.dp
-    share = group_broadcast(strategy.mesh["tp"]) if dims.tp > 1 else None
+    share = group_broadcast(strategy.mesh["replica"]) if dims.replica_size > 1 else None
 
     def feed_factory(cursor: dict | None) -> DataFeed:
         return DataFeed(cfg, cfg.data.path, replica, replicas, cursor=cursor,
-                        use_ray=False if data_in_process else None, share=share, reads=dims.tp_rank(env.rank) == 0)
+                        use_ray=False if data_in_process else None, share=share, reads=dims.reads_rows(env.rank))
 
     injector = None
     if cfg.faults:

@@ -20,15 +20,19 @@ def build_strategy(cfg: Config, model: nn.Module, rank: int, world_size: int,
     from raytrainer.train.mesh import ParallelDims
     from raytrainer.train.parallelize import parallelize
 
-    dims = ParallelDims(world_size, tp=cfg.parallel.tp, ep=cfg.parallel.ep)
+    dims = ParallelDims(world_size, tp=cfg.parallel.tp, ep=cfg.parallel.ep, pp=cfg.parallel.pp)
     mesh = expert_mesh = None
-    if dims.tp > 1:
+    if dims.replica_size > 1:
         ensure_process_group(rank, world_size, device)
         mesh = dims.build_mesh(device.type)
     if dims.ep > 1:
         ensure_process_group(rank, world_size, device)
         expert_mesh = dims.build_expert_mesh(device.type)
     model = parallelize(model, cfg, mesh, expert_mesh)
+    if dims.pp > 1:
+        from raytrainer.train.pipeline import PipelineStrategy
+
+        return PipelineStrategy(cfg, model, rank, world_size, device, mesh)
     name = cfg.parallel.strategy
     if name == "fsdp":
         from raytrainer.train.fsdp import FSDPStrategy

@@ -87,7 +87,8 @@ class Strategy:
     @property
     def dims(self) -> ParallelDims:
         """How the world divides into data-parallel replicas, tensor- and expert-parallel groups."""
-        return ParallelDims(self.world_size, tp=self.cfg.parallel.tp, ep=self.cfg.parallel.ep)
+        p = self.cfg.parallel
+        return ParallelDims(self.world_size, tp=p.tp, ep=p.ep, pp=p.pp)
 
     def finish_gradients(self) -> None:
         """After the last micro-step's backward: what the wrapper does not reduce (expert-parallel experts)."""
@@ -165,9 +166,14 @@ class Strategy:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     # ---- checkpoints
-    def _checkpoint_state(self, extra: dict | None) -> dict:
-        """What a checkpoint holds, as DCP sees it: model + optimizer (+ `extra`, e.g. {"ema": tensors})."""
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+    def _checkpoint_state(self, extra: dict | None, flat_optimizer: bool = True) -> dict:
+        """What a checkpoint holds, as DCP sees it: model + optimizer (+ `extra`, e.g. {"ema": tensors}).
+
+        The optimizer's state and hyperparameters are keyed by parameter name (`flat_optimizer`), not by param
+        group: ranks holding different parameters (pipeline stages) each save their own, and a checkpoint loads
+        whatever groups the loading ranks hold. Checkpoints written before that (keyed by group) still load."""
+        options = StateDictOptions(flatten_optimizer_state_dict=flat_optimizer)
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=options)
         return {"model": model_sd, "optim": optim_sd, **(extra or {})}
 
     def save(self, directory: Path, extra: dict | None = None) -> None:
@@ -196,15 +202,22 @@ class Strategy:
         load() reads on this rank: the DCP metadata and the files holding a chunk of this rank's state. Only
         `checkpoint_index_files` need be in `directory` yet."""
         metadata = dcp_io.read_metadata(directory)
-        return {dcp_io.METADATA_FILE} | dcp_io.files_for_state(metadata, self._checkpoint_state(extra))
+        state = self._checkpoint_state(extra, flat_optimizer=_flat_optimizer(metadata))
+        return {dcp_io.METADATA_FILE} | dcp_io.files_for_state(metadata, state)
 
     def load(self, directory: Path, saved_world_size: int, extra: dict | None = None) -> None:
         """Load what save wrote, at any world size; `extra`'s tensors are filled in place. `directory`
         needs only the files that files_for_rank names."""
-        state = self._checkpoint_state(extra)
+        flat = _flat_optimizer(dcp_io.read_metadata(directory))
+        state = self._checkpoint_state(extra, flat_optimizer=flat)
         dcp_io.load(state, directory)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+                       optim_state_dict=state["optim"], options=StateDictOptions(flatten_optimizer_state_dict=flat))
+
+
+def _flat_optimizer(metadata) -> bool:
+    """Whether a checkpoint keys its optimizer by parameter name (since pipeline parallel) or by param group."""
+    return not any(key.startswith("optim.param_groups.0.") for key in metadata.state_dict_metadata)
 
 
 class SingleProcess(Strategy):

@@ -1,0 +1,121 @@
+"""The pipeline bubble of each schedule, measured through the trainer's own pipeline, against the formula.
+
+p gloo processes run raytrainer's pipeline (PipelineStrategy + StepEngine.forward_backward) on a model of 8
+blocks whose every block forward takes a fixed --forward-ms and backward --backward-ms (sleeps: the machine's
+2 cores do not limit p = 4, and the work per stage is exactly known). A rank's busy time in a step is then
+m x (blocks per rank) x (forward + backward); the bubble is the rest of the step's time:
+
+    measured bubble = 1 - busy / step time
+    formula: (p - 1) / (m + p - 1) for GPipe and 1F1B, (p - 1) / (v·m + p - 1) for interleaved 1F1B (v stages a rank)
+
+for m micro-batches (a replica's accumulation steps). The measured figure also holds the little real compute of
+the tiny blocks and the messages between stages. Writes bench/results/pipeline_bubble.json.
+
+    .venv/bin/python bench/pipeline_bubble.py [--steps 2] [--forward-ms 10] [--backward-ms 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from raytrainer.config import load_config  # noqa: E402
+from strategy_harness import load_result, save_result, spawn  # noqa: E402
+
+N_LAYERS = 8
+SEQ = 16
+SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2))
+MICRO_BATCHES = (4, 8, 16)
+
+
+def config(pp: int, schedule: str, per_rank: int, m: int):
+    return load_config(None, [
+        "model.vocab_size=64", "model.d_model=32", f"model.n_layers={N_LAYERS}", "model.n_heads=2",
+        "model.multiple_of=32", f"model.max_seq_len={SEQ}", "model.tie_embeddings=false", "precision.dtype=fp32",
+        f"train.seq_len={SEQ}", f"train.global_batch_tokens={SEQ * m}", "train.micro_batch_size=1",
+        f"parallel.pp={pp}", f"parallel.pp_schedule={schedule}", f"parallel.pp_stages_per_rank={per_rank}",
+        f"parallel.min_workers={pp}", f"parallel.max_workers={pp}"])
+
+
+def slow_blocks(module: torch.nn.Module, forward_s: float, backward_s: float) -> None:
+    """Every block's forward sleeps forward_s, and its backward backward_s (a hook on its output's gradient)."""
+
+    def on_forward(block, args, output):
+        time.sleep(forward_s)
+        if output.requires_grad:
+            output.register_hook(lambda grad: time.sleep(backward_s))
+        return output
+
+    for block in module.layers.values():
+        block.register_forward_hook(on_forward)
+
+
+def run(rank: int, world_size: int, out_dir: Path, steps: int, forward_s: float, backward_s: float) -> None:
+    from raytrainer.model import Transformer
+    from raytrainer.train.engine import StepEngine
+    from raytrainer.train.strategies import build_strategy
+
+    torch.set_num_threads(1)
+    results = []
+    for schedule, per_rank in SCHEDULES:
+        for m in MICRO_BATCHES:
+            cfg = config(world_size, schedule, per_rank, m)
+            torch.manual_seed(0)
+            strategy = build_strategy(cfg, Transformer(cfg.model), rank, world_size, torch.device("cpu"))
+            slow_blocks(strategy.module, forward_s, backward_s)
+            engine = StepEngine(strategy.model, cfg, strategy)
+            g = torch.Generator().manual_seed(0)
+            micro = [{"input_ids": torch.randint(0, 64, (1, SEQ), generator=g),
+                      "labels": torch.randint(0, 64, (1, SEQ), generator=g)} for _ in range(m)]
+            times = []
+            for step in range(steps + 1):  # the first step also builds the schedule: not timed
+                torch.distributed.barrier()
+                t0 = time.perf_counter()
+                engine.forward_backward(micro, step)
+                times.append(time.perf_counter() - t0)
+                engine.apply()
+            step_s = statistics.median(times[1:])
+            busy = m * len(strategy.module.layers) * (forward_s + backward_s)
+            v, p = per_rank, world_size
+            results.append({"pp": p, "schedule": schedule, "stages_per_rank": v, "micro_batches": m,
+                            "step_s": step_s, "busy_s": busy, "measured": 1 - busy / step_s,
+                            "formula": (p - 1) / (v * m + p - 1)})
+    save_result(out_dir, "bubble", rank, results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--forward-ms", type=float, default=10.0)
+    parser.add_argument("--backward-ms", type=float, default=20.0)
+    args = parser.parse_args()
+    rows = []
+    for pp in (2, 4):
+        out = RESULTS / f"pipeline_bubble_pp{pp}"
+        spawn(run, pp, out, args.steps, args.forward_ms / 1000, args.backward_ms / 1000)
+        # the step ends when the last rank is done: the slowest rank's time is the pipeline's
+        per_rank = [load_result(out, "bubble", r) for r in range(pp)]
+        for entries in zip(*per_rank, strict=True):
+            worst = max(entries, key=lambda e: e["step_s"])
+            rows.append(worst)
+            print(f"pp={worst['pp']} {worst['schedule']:17s} m={worst['micro_batches']}: step "
+                  f"{worst['step_s'] * 1000:6.0f} ms, bubble {worst['measured']:.3f} (formula {worst['formula']:.3f})")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pipeline_bubble.json").write_text(json.dumps({"forward_ms": args.forward_ms,
+                                                               "backward_ms": args.backward_ms, "rows": rows},
+                                                              indent=2))
+
+
+if __name__ == "__main__":
+    main()
