@@ -668,15 +668,14 @@ class Config(Section):
             "model.loss.chunk_tokens": bool(m.loss.chunk_tokens),
             "model.moe": m.moe is not None,
             "model.lora": m.lora is not None,
-            "parallel.tp": p.tp > 1,
             "parallel.ep": p.ep > 1,
-            f"parallel.strategy={p.strategy}": p.strategy != "ddp",
+            "parallel.strategy=deepspeed": p.strategy == "deepspeed",
             "precision.dtype=fp16": self.precision.dtype == "fp16",
         }
         for key, used in unsupported.items():
             if used:
                 raise ValueError(f"{key} with parallel.pp={p.pp} is not supported yet: turn one of them off "
-                                 "(pipeline parallel runs with parallel.strategy=ddp over the replicas)")
+                                 "(pipeline parallel runs with parallel.strategy=ddp or fsdp over the replicas)")
         for f in self.faults:
             stage = f.rank // p.tp % p.pp
             if f.kind in ("nan_loss", "grad_explode", "slow_rank") and stage != p.pp - 1:

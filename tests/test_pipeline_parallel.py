@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from raytrainer.config import ConfigError
 from raytrainer.train.pipeline import rank_stages, stage_layers
@@ -28,9 +29,9 @@ STEPS = range(4)  # steps 2 and 3 are in the second curriculum phase (twice the 
 UNTIED_4_LAYERS = ["model.n_layers=4", "model.tie_embeddings=false"]
 
 
-def pp_config(pp: int, workers: int, schedule: str = "1f1b", *overrides: str):
+def pp_config(pp: int, workers: int, schedule: str = "1f1b", *overrides: str, strategy: str = "ddp"):
     per_rank = 2 if schedule == "interleaved_1f1b" else 1
-    return tiny_config("ddp", *UNTIED_4_LAYERS, f"parallel.pp={pp}", f"parallel.pp_schedule={schedule}",
+    return tiny_config(strategy, *UNTIED_4_LAYERS, f"parallel.pp={pp}", f"parallel.pp_schedule={schedule}",
                        f"parallel.pp_stages_per_rank={per_rank}", f"parallel.min_workers={workers}",
                        f"parallel.max_workers={workers}", *overrides)
 
@@ -51,8 +52,8 @@ def test_stages_take_equal_runs_of_layers_and_ranks_hold_looped_stages():
      r"model.n_layers=3 does not split into parallel.pp x parallel.pp_stages_per_rank=2 stages"),
     (["parallel.pp=2", "parallel.max_workers=2", "model.tie_embeddings=true"],
      r"model.tie_embeddings with parallel.pp=2 is not supported"),
-    (["parallel.pp=2", "parallel.max_workers=2", "parallel.strategy=fsdp"],
-     r"parallel.strategy=fsdp with parallel.pp=2 is not supported"),
+    (["parallel.pp=2", "parallel.max_workers=2", "parallel.strategy=deepspeed"],
+     r"parallel.strategy=deepspeed with parallel.pp=2 is not supported"),
     (["parallel.pp=2", "parallel.max_workers=2", "model.mtp_heads=1"], r"model.mtp_heads with parallel.pp=2"),
     (["parallel.pp=2", "parallel.max_workers=2", "parallel.pp_schedule=interleaved_1f1b"],
      r"interleaved_1f1b needs parallel.pp_stages_per_rank >= 2"),
@@ -92,10 +93,11 @@ def test_a_pipeline_replica_is_tp_times_pp_consecutive_ranks():
 
 
 def first_step_gradients(engine, cfg, rank: int) -> dict[str, torch.Tensor]:
-    """This rank's parameters' gradients after step 0's backward (the step is then dropped)."""
+    """This rank's parameters' whole gradients after step 0's backward (the step is then dropped)."""
     dims = engine.strategy.dims
     engine.forward_backward(rank_micro_batches(cfg, 0, dims.dp_rank(rank), dims.dp), 0)
-    grads = {n: p.grad.clone() for n, p in engine.strategy.module.named_parameters()}
+    grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+             for n, p in engine.strategy.module.named_parameters()}
     engine.zero_grad()
     return grads
 
@@ -105,8 +107,8 @@ def evaluation(engine, cfg, rank: int) -> tuple[float, int]:
     return engine.evaluate([rank_micro_batches(cfg, step, dims.dp_rank(rank), dims.dp) for step in (5, 6)])
 
 
-def run_curve(rank: int, world_size: int, out_dir, pp: int, schedule: str) -> None:
-    cfg = pp_config(pp, world_size, schedule)
+def run_curve(rank: int, world_size: int, out_dir, pp: int, schedule: str, strategy: str, tp: int) -> None:
+    cfg = pp_config(pp, world_size, schedule, f"parallel.tp={tp}", strategy=strategy)
     _, engine = build(cfg, rank, world_size)
     grads = first_step_gradients(engine, cfg, rank)
     curve = torch.tensor(train_steps(engine, cfg, STEPS, rank, world_size))
@@ -128,11 +130,12 @@ def reference() -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size,pp,schedule", [(2, 2, "gpipe"), (2, 2, "1f1b"), (2, 2, "interleaved_1f1b"),
-                                                    (4, 2, "1f1b")],
-                         ids=["pp2-gpipe", "pp2-1f1b", "pp2-interleaved", "dp2xpp2-1f1b"])
-def test_pipeline_follows_the_single_process_curve(world_size, pp, schedule, reference, tmp_path):
-    spawn(run_curve, world_size, tmp_path, pp, schedule)
+@pytest.mark.parametrize("world_size,pp,schedule,strategy,tp", [
+    (2, 2, "gpipe", "ddp", 1), (2, 2, "1f1b", "ddp", 1), (2, 2, "interleaved_1f1b", "ddp", 1), (4, 2, "1f1b", "ddp", 1),
+    (4, 2, "1f1b", "fsdp", 1), (4, 2, "1f1b", "fsdp", 2),
+], ids=["pp2-gpipe", "pp2-1f1b", "pp2-interleaved", "dp2xpp2-1f1b", "fsdp-dp2xpp2", "pp2xtp2"])
+def test_pipeline_follows_the_single_process_curve(world_size, pp, schedule, strategy, tp, reference, tmp_path):
+    spawn(run_curve, world_size, tmp_path, pp, schedule, strategy, tp)
     runs = [load_result(tmp_path, "run", rank) for rank in range(world_size)]
     for run in runs[1:]:
         assert torch.equal(run["curve"], runs[0]["curve"]), "ranks disagree on the global loss / grad norm"
@@ -143,7 +146,7 @@ def test_pipeline_follows_the_single_process_curve(world_size, pp, schedule, ref
     assert runs[0]["eval"][0] == pytest.approx(reference["eval"][0], rel=1e-5)
     # every parameter's gradient is on exactly the stage holding it: the ranks of one pipeline cover the model
     pipeline = {}
-    for run in runs[:pp]:
+    for run in runs[:pp * tp:tp]:
         assert not pipeline.keys() & run["grads"].keys()
         pipeline.update(run["grads"])
     assert pipeline.keys() == reference["grads"].keys()

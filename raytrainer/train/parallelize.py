@@ -114,7 +114,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
 
 
 def apply_fsdp(model: nn.Module, cfg: Config, dp_mesh: DeviceMesh) -> nn.Module:
-    """FSDP2: every block, then the root (embeddings, final norm, lm_head, MTP heads), sharded over dp_mesh."""
+    """FSDP2: every block, then the root (embeddings, final norm, lm_head, MTP heads), sharded over dp_mesh. The
+    root may be a pipeline stage (raytrainer.train.pipeline)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     from raytrainer.train.fsdp import mixed_precision_policy
@@ -124,7 +125,9 @@ def apply_fsdp(model: nn.Module, cfg: Config, dp_mesh: DeviceMesh) -> nn.Module:
     offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=on_cuda) if p.fsdp_cpu_offload else OffloadPolicy()
     settings = dict(mesh=dp_mesh, mp_policy=mixed_precision_policy(cfg.precision.dtype),
                     offload_policy=offload, reshard_after_forward=p.fsdp_reshard_after_forward)
-    for block in model.layers:
+    # a pipeline stage keeps its blocks under their whole-model numbers (a ModuleDict)
+    blocks = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
+    for block in blocks:
         fully_shard(block, **settings)
     # FSDP keeps the root unsharded between forward and backward anyway: backward needs it immediately.
     fully_shard(model, **settings)

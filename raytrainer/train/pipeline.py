@@ -1,5 +1,7 @@
 """Pipeline parallel: the model's layers split into stages, micro-batches flowing through them on a schedule
-(torch.distributed.pipelining), data parallel across the pipelines.
+(torch.distributed.pipelining); across the pipelines data parallel (ddp) or FSDP2 (fsdp), and within a stage
+tensor parallel (parallel.tp, applied to the whole model before it is cut: a stage's blocks pass their
+sequence-split activations on as they would to the next block).
 
     strategy = PipelineStrategy(cfg, model, rank, world_size, device, mesh)    mesh: ("dp", "pp", "tp")
     outputs = strategy.pipeline.train(micro_batches, normalizer, scale_loss)   one step's forwards and backwards
@@ -243,9 +245,12 @@ def _fill(mb: dict, key: str, rows: int) -> torch.Tensor:
 
 
 class PipelineStrategy(Strategy):
-    """Pipeline parallel over mesh["pp"], data parallel over mesh["dp"] (gradients averaged after the schedule)."""
+    """Pipeline parallel over mesh["pp"]; over mesh["dp"] either plain data parallel (parallel.strategy=ddp:
+    gradients averaged after the schedule) or FSDP2 (fsdp: every stage sharded, tensor parallel allowed)."""
 
-    name = "ddp"
+    @property
+    def name(self) -> str:
+        return self.cfg.parallel.strategy
 
     def __init__(self, cfg: Config, module: nn.Module, rank: int, world_size: int, device: torch.device,
                  mesh: DeviceMesh):
@@ -260,14 +265,23 @@ class PipelineStrategy(Strategy):
         self.loss_module = PipelineLoss(module)
         self.pipeline = Pipeline(self.cfg, module, self._stages, self._n_stages, self.mesh["pp"].get_group(),
                                  self.device, self.loss_module)
+        if self.sharded:  # each stage is an FSDP2 root over the replicas; the schedule reduce-scatters at its end
+            from raytrainer.train.parallelize import apply_fsdp
+
+            for stage in self.pipeline.modules:
+                apply_fsdp(stage, self.cfg, self.mesh["dp"])
         return self.loss_module
 
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.parallel.strategy == "fsdp"
+
     def finish_gradients(self) -> None:
-        """The replicas' gradients averaged, once every micro-batch's backward has run: one all-reduce of this
-        rank's gradients flattened together. (DDP's reducer, which would overlap it with the backward, cannot
-        follow a schedule that runs each stage's backward in pieces.)"""
+        """Without FSDP: the replicas' gradients averaged, once every micro-batch's backward has run, by one
+        all-reduce of this rank's gradients flattened together. (DDP's reducer, which would overlap it with the
+        backward, cannot follow a schedule that runs each stage's backward in pieces.)"""
         dp = self.mesh["dp"]
-        if dp.size() == 1:
+        if dp.size() == 1 or self.sharded:
             return
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         flat = torch._utils._flatten_dense_tensors(grads)
@@ -281,6 +295,8 @@ class PipelineStrategy(Strategy):
         params = [p for p in self.module.parameters() if p.grad is not None]
         local = (torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True) if params
                  else torch.zeros((), device=self.device))
+        if hasattr(local, "full_tensor"):  # FSDP (and tensor parallel): the stage's norm over its shards
+            local = local.full_tensor()
         squared = local.double().square().reshape(1).to(self._comm_device())
         dist.all_reduce(squared, group=self.mesh["pp"].get_group())
         value = math.sqrt(float(squared.item()))
