@@ -387,6 +387,9 @@ class ParallelConfig(Section):
     # pp_stages_per_rank smaller stages per rank, a smaller bubble for more messages.
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
     pp_stages_per_rank: int = Field(1, ge=1)
+    # Context parallel degree: every row's sequence split over cp ranks (attention gathers keys and values), for
+    # rows too long for one device's activations; the cp ranks of a replica train on the same rows.
+    cp: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check_range(self) -> ParallelConfig:
@@ -397,13 +400,13 @@ class ParallelConfig(Section):
         if self.offload_params and not (self.strategy == "deepspeed" and self.zero_stage == 3):
             raise ValueError("parallel.offload_params needs parallel.strategy=deepspeed with zero_stage=3")
         for key in ("min_workers", "max_workers"):
-            for group in ("tp", "ep", "pp"):
+            for group in ("tp", "ep", "pp", "cp"):
                 if getattr(self, key) % getattr(self, group):
                     raise ValueError(f"parallel.{key}={getattr(self, key)} is not a multiple of parallel.{group}="
                                      f"{getattr(self, group)}: a run grows and shrinks in whole groups")
             if getattr(self, key) % self.replica_size:
                 raise ValueError(f"parallel.{key}={getattr(self, key)} is not a multiple of parallel.tp x parallel.pp"
-                                 f"={self.replica_size}: a run grows and shrinks in whole replicas")
+                                 f" x parallel.cp={self.replica_size}: a run grows and shrinks in whole replicas")
         if self.tp > 1 and self.strategy != "fsdp":
             raise ValueError(f"parallel.tp={self.tp} needs parallel.strategy=fsdp (now {self.strategy}): "
                              "tensor-parallel parameters are DTensors, which FSDP2 shards over the data-parallel "
@@ -412,8 +415,9 @@ class ParallelConfig(Section):
 
     @property
     def replica_size(self) -> int:
-        """Workers holding one copy of the model between them (tensor-parallel ranks x pipeline stages)."""
-        return self.tp * self.pp
+        """Workers holding one copy of the model between them (tensor-parallel ranks x pipeline stages x
+        context-parallel ranks), all training on the same rows."""
+        return self.tp * self.pp * self.cp
 
     @property
     def max_replicas(self) -> int:
@@ -593,6 +597,7 @@ class Config(Section):
                     f"seq_len {seq_len}) is smaller than parallel.max_workers={self.parallel.max_workers}"
                     + (f" / parallel.tp={self.parallel.tp}" if self.parallel.tp > 1 else "")
                     + (f" / parallel.pp={self.parallel.pp}" if self.parallel.pp > 1 else "")
+                    + (f" / parallel.cp={self.parallel.cp}" if self.parallel.cp > 1 else "")
                     + "; every data-parallel replica needs at least one row"
                 )
         for f in self.faults:
@@ -601,6 +606,7 @@ class Config(Section):
         self._check_tensor_parallel()
         self._check_expert_parallel()
         self._check_pipeline_parallel()
+        self._check_context_parallel()
         mlm = self.data.objective == "mlm"
         if mlm != self.model.bidirectional:
             raise ValueError(
@@ -702,6 +708,29 @@ class Config(Section):
                                  "(train.global_batch_tokens / seq_len / replicas / train.micro_batch_size): lower "
                                  "train.micro_batch_size, raise "
                                  "train.global_batch_tokens, or use parallel.pp_schedule=gpipe")
+
+
+    def _check_context_parallel(self) -> None:
+        p, m = self.parallel, self.model
+        if p.cp == 1:
+            return
+        for seq_len in self.phase_seq_lens():
+            if seq_len % (2 * p.cp):
+                raise ValueError(f"sequence length {seq_len} does not split into 2 x parallel.cp={p.cp} equal chunks "
+                                 "(each rank holds two, for causal balance): choose lengths divisible by "
+                                 f"{2 * p.cp}")
+        unsupported = {
+            "parallel.tp": p.tp > 1,
+            "parallel.pp": p.pp > 1,
+            "parallel.ep": p.ep > 1,
+            f"parallel.strategy={p.strategy}": p.strategy != "ddp",
+            "model.mtp_heads": m.mtp_heads > 0,
+            "model.moe": m.moe is not None,
+        }
+        for key, used in unsupported.items():
+            if used:
+                raise ValueError(f"{key} with parallel.cp={p.cp} is not supported yet: turn one of them off "
+                                 "(context parallel runs with parallel.strategy=ddp over every rank)")
 
 
 def _divisors(n: int) -> list[int]:

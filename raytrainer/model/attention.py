@@ -35,6 +35,7 @@ class AttentionMask:
     block_mask: Any = None  # flex: torch.nn.attention.flex_attention.BlockMask
     cu_seqlens: torch.Tensor | None = None  # flash: int32 [num_docs + 1] offsets into the flattened rows
     max_seqlen: int = 0
+    doc_ids: torch.Tensor | None = None  # [B, T], what it was built from (None: one document per row)
 
 
 @functools.cache
@@ -74,15 +75,15 @@ def build_mask(doc_ids: torch.Tensor | None, backend: str = "auto", device: torc
     doc_ids = doc_ids.to(device)
     B, T = doc_ids.shape
     if backend == "sdpa":
-        return AttentionMask(backend, causal, dense=dense_document_mask(doc_ids, causal))
+        return AttentionMask(backend, causal, dense=dense_document_mask(doc_ids, causal), doc_ids=doc_ids)
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
         block_mask = create_block_mask(document_mask_mod(doc_ids, causal), B, None, T, T, device=device,
                                        _compile=device.type == "cuda")
-        return AttentionMask(backend, causal, block_mask=block_mask)
+        return AttentionMask(backend, causal, block_mask=block_mask, doc_ids=doc_ids)
     cu_seqlens, max_seqlen = varlen_offsets(doc_ids)
-    return AttentionMask(backend, causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return AttentionMask(backend, causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, doc_ids=doc_ids)
 
 
 def dense_document_mask(doc_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:

@@ -62,6 +62,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = 1.0 / cfg.head_dim if cfg.mup_base_d_model else 1.0 / math.sqrt(cfg.head_dim)
+        # q, k, v -> outputs; replaced where the sequence is split over ranks (context parallel)
+        self.attend = attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask,
                 cache: LayerCache | None = None) -> torch.Tensor:
@@ -76,7 +78,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:  # generation: attend to every position so far
             k, v = cache.store(k, v)
-        y = attention(q, k, v, scale=self.scale, mask=mask)
+        y = self.attend(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

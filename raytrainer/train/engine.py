@@ -37,6 +37,7 @@ from raytrainer.config import Config, ModelConfig
 from raytrainer.model.flops import attended_pairs
 from raytrainer.model.loss import token_ce
 from raytrainer.model.moe import update_balance_bias
+from raytrainer.train.context_parallel import gather_sequence, shard_sequence
 from raytrainer.train.ema import EMA
 from raytrainer.train.optim import set_lr
 from raytrainer.train.precision import DynamicLossScaler, autocast, check_precision_supported
@@ -111,7 +112,8 @@ class StepEngine:
         copies, loss_copies = s.dims.replica_size, s.dims.tp
         local_labels = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
         global_labels = s.all_reduce_sum(local_labels) / copies
-        normalizer = max(global_labels, 1.0) / s.dims.dp
+        # each rank's loss sums its own tokens: over dp x cp ranks (context parallel splits rows between ranks)
+        normalizer = max(global_labels, 1.0) / (s.dims.dp * s.dims.cp)
         ce_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync per step
         last = len(micro_batches) - 1
         forward = Stopwatch(device)  # this rank's own compute: a forward waits on no other rank's
@@ -136,13 +138,16 @@ class StepEngine:
                 take(out)
             forward.total += pipeline.block_seconds - blocks_before
         for i, mb in enumerate(micro_batches if pipeline is None else []):
-            inputs = {k: mb[k].to(device, non_blocking=True) for k in BATCH_KEYS if mb.get(k) is not None}
+            inputs = self._inputs(mb)
             with contextlib.nullcontext() if i == last else s.no_sync():
                 with autocast(self.cfg.precision.dtype, device), forward:
                     out = self.model(**inputs, loss_normalizer=normalizer)
                 s.backward(self.scaler.scale_loss(out.loss))
             if per_token is not None and "token_ce" not in out.metrics:  # the chunked loss has no logits
                 out.metrics["token_ce"] = token_ce(out.logits, inputs["labels"])
+            if per_token is not None and s.dims.cp > 1:  # every rank's share of the rows, whole again
+                out.metrics["token_ce"] = gather_sequence(out.metrics["token_ce"], 1, s.mesh["cp"].get_group(),
+                                                          s.dims.cp)
             take(out)
         s.finish_gradients()
         t_backward = time.perf_counter()
@@ -235,20 +240,27 @@ class StepEngine:
                         labels += sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
                         continue
                     for mb in micro_batches:
-                        inputs = {k: mb[k].to(s.device, non_blocking=True) for k in BATCH_KEYS if mb.get(k) is not None}
+                        inputs = self._inputs(mb)
                         n = int((mb["labels"] != IGNORE_INDEX).sum())
                         with autocast(self.cfg.precision.dtype, s.device):
                             out = self.model(**inputs, loss_normalizer=float(max(n, 1)))
-                        if n:
+                        if int(out.metrics["label_tokens"]):  # this rank's tokens (a share, context parallel)
                             ce_sum += out.metrics["ce"].detach().double() * out.metrics["label_tokens"]
-                            labels += n
+                        labels += n
         finally:
             self.model.train(was_training)
             s.module.train(was_training)
-        # the ranks of a replica evaluate the same rows; those of its last stage compute their losses
+        # the ranks of a replica evaluate the same rows; those of its last stage compute their losses (each
+        # context-parallel rank its share of the tokens)
         total = s.all_reduce_sum(float(ce_sum)) / s.dims.tp
         count = round(s.all_reduce_sum(labels) / s.dims.replica_size)
         return total / max(count, 1), count
+
+    def _inputs(self, mb: dict) -> dict[str, torch.Tensor]:
+        """A micro-batch on the device, as this rank takes it: with context parallel, its share of every row."""
+        s = self.strategy
+        inputs = {k: mb[k].to(s.device, non_blocking=True) for k in BATCH_KEYS if mb.get(k) is not None}
+        return shard_sequence(inputs, s.dims.cp_rank(s.rank), s.dims.cp) if s.dims.cp > 1 else inputs
 
     def apply(self, skip: bool = False, lr_factor: float = 1.0) -> bool:
         """Apply (or skip) the update prepared by forward_backward; returns whether it was applied.

@@ -3,7 +3,8 @@
 In this order (each step sees what the one before left):
 
     parallelize(model, cfg, mesh, expert_mesh)
-                                       tensor + sequence parallel over mesh["tp"], expert parallel over
+                                       tensor + sequence parallel over mesh["tp"], context parallel over
+                                       mesh["cp"] (raytrainer.train.context_parallel), expert parallel over
                                        expert_mesh["ep"] (raytrainer.train.expert_parallel), activation
                                        checkpointing, fp8 linears, torch.compile per block
     apply_fsdp(model, cfg, mesh)       FSDP2 over mesh["dp"] (the strategies call it, or apply_ddp)
@@ -45,6 +46,10 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None = None,
 
     if mesh is not None and mesh["tp"].size() > 1:
         apply_tensor_parallel(model, mesh["tp"])
+    if mesh is not None and mesh["cp"].size() > 1:
+        from raytrainer.train.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, mesh["cp"])
     if expert_mesh is not None:
         from raytrainer.train.expert_parallel import shard_experts
 

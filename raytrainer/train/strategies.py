@@ -20,7 +20,8 @@ def build_strategy(cfg: Config, model: nn.Module, rank: int, world_size: int,
     from raytrainer.train.mesh import ParallelDims
     from raytrainer.train.parallelize import parallelize
 
-    dims = ParallelDims(world_size, tp=cfg.parallel.tp, ep=cfg.parallel.ep, pp=cfg.parallel.pp)
+    p = cfg.parallel
+    dims = ParallelDims(world_size, tp=p.tp, ep=p.ep, pp=p.pp, cp=p.cp)
     mesh = expert_mesh = None
     if dims.replica_size > 1:
         ensure_process_group(rank, world_size, device)
@@ -33,6 +34,10 @@ def build_strategy(cfg: Config, model: nn.Module, rank: int, world_size: int,
         from raytrainer.train.pipeline import PipelineStrategy
 
         return PipelineStrategy(cfg, model, rank, world_size, device, mesh)
+    if dims.cp > 1:  # data parallel over every rank: the cp ranks' gradients are parts of one row's
+        strategy = DDPStrategy(cfg, model, rank, world_size, device)
+        strategy.mesh = mesh
+        return strategy
     name = cfg.parallel.strategy
     if name == "fsdp":
         from raytrainer.train.fsdp import FSDPStrategy

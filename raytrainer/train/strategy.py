@@ -88,7 +88,7 @@ class Strategy:
     def dims(self) -> ParallelDims:
         """How the world divides into data-parallel replicas, tensor- and expert-parallel groups."""
         p = self.cfg.parallel
-        return ParallelDims(self.world_size, tp=p.tp, ep=p.ep, pp=p.pp)
+        return ParallelDims(self.world_size, tp=p.tp, ep=p.ep, pp=p.pp, cp=p.cp)
 
     def finish_gradients(self) -> None:
         """After the last micro-step's backward: what the wrapper does not reduce (expert-parallel experts)."""

@@ -1,0 +1,117 @@
+"""Context parallel (parallel.cp) on gloo ranks: every row's sequence split in zigzag chunks, attention over the
+gathered keys and values; the same losses, gradients and evaluations as one process, alone (cp=2) and with data
+parallel (dp2 x cp2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raytrainer.config import ConfigError
+from raytrainer.train.context_parallel import shard_sequence, zigzag_positions
+from strategy_harness import build, load_result, rank_micro_batches, save_result, spawn, tiny_config, train_steps
+
+STEPS = range(4)  # steps 2 and 3: rows of 16 tokens, twice as many
+
+
+def cp_config(cp: int, workers: int):
+    return tiny_config("ddp", f"parallel.cp={cp}", f"parallel.min_workers={workers}",
+                       f"parallel.max_workers={workers}")
+
+
+def test_zigzag_chunks_cover_a_row_and_balance_causal_work():
+    T, cp = 16, 4
+    shares = [zigzag_positions(T, cp, r) for r in range(cp)]
+    assert shares[0].tolist() == [0, 1, 14, 15] and shares[3].tolist() == [6, 7, 8, 9]
+    assert sorted(torch.cat(shares).tolist()) == list(range(T))
+    # a query at position i attends to i + 1 keys: every rank does the same work (contiguous slices: 10 vs 58)
+    assert {int((share + 1).sum()) for share in shares} == {34}
+
+
+def test_a_micro_batch_is_shared_out_with_its_positions_and_documents():
+    batch = {"input_ids": torch.arange(8).expand(2, 8), "labels": torch.arange(1, 9).expand(2, 8),
+             "doc_ids": torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]] * 2)}
+    mine = shard_sequence(batch, 1, 2)  # chunks 1 and 2 of four
+    assert mine["input_ids"][0].tolist() == [2, 3, 4, 5]
+    assert mine["labels"][0].tolist() == [3, 4, 5, 6]
+    assert mine["position_ids"][0].tolist() == [2, 3, 4, 5]  # where they sit in the whole row
+    assert mine["doc_ids"][0].tolist() == [0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.cp=2", "parallel.max_workers=3"], r"parallel.max_workers=3 is not a multiple of parallel.cp=2"),
+    (["parallel.cp=3", "parallel.min_workers=3", "parallel.max_workers=3"],
+     r"sequence length 16 does not split into 2 x parallel.cp=3 equal chunks"),
+    (["parallel.cp=2", "parallel.max_workers=2", "parallel.strategy=fsdp"],
+     r"parallel.strategy=fsdp with parallel.cp=2 is not supported"),
+    (["parallel.cp=2", "parallel.max_workers=2", "model.mtp_heads=1"], r"model.mtp_heads with parallel.cp=2"),
+])
+def test_context_parallel_settings_are_checked_with_named_errors(overrides, message):
+    base = [] if any(o.startswith("parallel.min_workers") for o in overrides) else ["parallel.min_workers=2"]
+    with pytest.raises(ConfigError, match=message):
+        tiny_config("ddp", *base, *overrides)
+
+
+def first_step_gradients(engine, cfg, rank: int) -> dict[str, torch.Tensor]:
+    dims = engine.strategy.dims
+    engine.forward_backward(rank_micro_batches(cfg, 0, dims.dp_rank(rank), dims.dp), 0, token_losses=True)
+    grads = {n: p.grad.clone() for n, p in engine.strategy.module.named_parameters()}
+    engine.zero_grad()
+    return grads
+
+
+def evaluation(engine, cfg, rank: int) -> tuple[float, int]:
+    dims = engine.strategy.dims
+    return engine.evaluate([rank_micro_batches(cfg, step, dims.dp_rank(rank), dims.dp) for step in (5, 6)])
+
+
+def token_losses(engine, cfg, rank: int) -> torch.Tensor:
+    dims = engine.strategy.dims
+    stats = engine.forward_backward(rank_micro_batches(cfg, 7, dims.dp_rank(rank), dims.dp), 7, token_losses=True)
+    engine.zero_grad()
+    return torch.cat(stats.token_ce)
+
+
+def run_curve(rank: int, world_size: int, out_dir, cp: int) -> None:
+    cfg = cp_config(cp, world_size)
+    _, engine = build(cfg, rank, world_size)
+    grads = first_step_gradients(engine, cfg, rank)
+    curve = torch.tensor(train_steps(engine, cfg, STEPS, rank, world_size))
+    save_result(out_dir, "run", rank, {"grads": grads, "curve": curve, "eval": evaluation(engine, cfg, rank),
+                                       "token_ce": token_losses(engine, cfg, rank)})
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = tiny_config("ddp")
+        _, engine = build(cfg, 0, 1)
+        grads = first_step_gradients(engine, cfg, 0)
+        curve = torch.tensor(train_steps(engine, cfg, STEPS, 0, 1))
+        return {"grads": grads, "curve": curve, "eval": evaluation(engine, cfg, 0),
+                "token_ce": token_losses(engine, cfg, 0)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size,cp", [(2, 2), (4, 2)], ids=["cp2", "dp2xcp2"])
+def test_context_parallel_follows_the_single_process_curve(world_size, cp, reference, tmp_path):
+    spawn(run_curve, world_size, tmp_path, cp)
+    runs = [load_result(tmp_path, "run", rank) for rank in range(world_size)]
+    for run in runs[1:]:
+        assert torch.equal(run["curve"], runs[0]["curve"]), "ranks disagree on the global loss / grad norm"
+        assert run["eval"] == runs[0]["eval"]
+    assert (reference["curve"][:, 1] > 0.5).all()  # above the clip threshold: every step exercised clipping
+    torch.testing.assert_close(runs[0]["curve"], reference["curve"], rtol=2e-5, atol=2e-6)
+    assert runs[0]["eval"][1] == reference["eval"][1]
+    assert runs[0]["eval"][0] == pytest.approx(reference["eval"][0], rel=1e-5)
+    for name, grad in runs[0]["grads"].items():  # data parallel over every rank: the same gradients everywhere
+        torch.testing.assert_close(grad, reference["grads"][name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    # every token's loss, whole rows again on the replica's first rank (what per-document blame reads)
+    dp = world_size // cp
+    mine = torch.cat([runs[r * cp]["token_ce"] for r in range(dp)])[:len(reference["token_ce"])]
+    torch.testing.assert_close(mine, reference["token_ce"], rtol=1e-5, atol=1e-6)
