@@ -1,8 +1,10 @@
 """Tokens/s of model-parallel layouts against plain data parallel, on 2 gloo processes, side by side.
 
 The tiny preset's model (and moe-tiny's, for expert parallel) trains the same global batches in each layout:
-dp2 (DDP), dp2 with FSDP2, tp2 (tensor + sequence parallel, FSDP2 over a single replica), and for the mixture
-of experts dp2 with every expert on each rank against ep2 (experts split, all-to-all dispatch). Layouts run in
+dp2 (DDP), dp2 with FSDP2, tp2 (tensor + sequence parallel, FSDP2 over a single replica), cp2 (each row split
+over the two ranks), pp2 (two pipeline stages, 1F1B over 4 or 8 micro-batches, against dp2 with the same untied
+embeddings), and for the mixture of experts dp2 with every expert on each rank against ep2 (experts split,
+all-to-all dispatch). Layouts run in
 interleaved rounds in the same two processes; each round times `--steps` steps after one warm-up step, and the
 median tokens/s per layout is reported with its ratio to its dp2 baseline. On 2 CPU cores the ratio is the cost
 of the extra communication (tp: 4 collectives per block forward and backward), not a speed-up: tensor and expert
@@ -33,14 +35,20 @@ from strategy_harness import load_result, save_result, spawn  # noqa: E402
 
 SHAPE = ["train.seq_len=256", "train.global_batch_tokens=8192", "train.micro_batch_size=8",
          "parallel.min_workers=2", "parallel.max_workers=2", "optim.grad_clip=1.0"]
+UNTIED = "model.tie_embeddings=false"  # a pipeline's embedding and lm_head sit on different stages
 LAYOUTS = {
     "dp2": ("tiny", ["parallel.strategy=ddp"]),
     "fsdp2": ("tiny", ["parallel.strategy=fsdp"]),
     "tp2": ("tiny", ["parallel.strategy=fsdp", "parallel.tp=2"]),
+    "cp2": ("tiny", ["parallel.strategy=ddp", "parallel.cp=2"]),
+    "dp2-untied": ("tiny", ["parallel.strategy=ddp", UNTIED]),
+    "pp2-1f1b-m4": ("tiny", ["parallel.strategy=ddp", UNTIED, "parallel.pp=2"]),
+    "pp2-1f1b-m8": ("tiny", ["parallel.strategy=ddp", UNTIED, "parallel.pp=2", "train.micro_batch_size=4"]),
     "moe-dp2": ("moe-tiny", ["parallel.strategy=ddp"]),
     "moe-ep2": ("moe-tiny", ["parallel.strategy=ddp", "parallel.ep=2"]),
 }
-BASELINE = {"dp2": "dp2", "fsdp2": "dp2", "tp2": "dp2", "moe-dp2": "moe-dp2", "moe-ep2": "moe-dp2"}
+BASELINE = {"dp2": "dp2", "fsdp2": "dp2", "tp2": "dp2", "cp2": "dp2", "dp2-untied": "dp2-untied",
+            "pp2-1f1b-m4": "dp2-untied", "pp2-1f1b-m8": "dp2-untied", "moe-dp2": "moe-dp2", "moe-ep2": "moe-dp2"}
 
 
 def batches(cfg, step: int, replica: int, replicas: int) -> list[dict]:
@@ -90,7 +98,8 @@ def main() -> None:
         print(f"{name:8s} {rate:8.0f} tokens/s  x{rate / medians[BASELINE[name]]:.2f} of {BASELINE[name]}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "parallel_throughput.json").write_text(json.dumps(result, indent=2))
-    print(f"tp2_vs_dp2: {result['ratio_to_baseline']['tp2']:.2f}")
+    for name in ("tp2", "cp2", "pp2-1f1b-m4", "pp2-1f1b-m8"):
+        print(f"{name}_vs_baseline: {result['ratio_to_baseline'][name]:.2f}")
 
 
 if __name__ == "__main__":
