@@ -276,9 +276,11 @@ def run(cfg: Config) -> dict:
     # its client rides out an object-store outage of about a minute.
     storage = open_storage(cfg.checkpoint.storage, cfg.checkpoint.s3, max_attempts=RAY_STORAGE_ATTEMPTS)
     trainer = build_torch_trainer(cfg, storage.root, storage.fs)
+    p = cfg.parallel
+    degrees = [f"{key}={getattr(p, key)}" for key in ("tp", "pp", "cp", "ep") if getattr(p, key) > 1]
+    layout = ", ".join([p.strategy, *degrees])
     log.info("training %s: %d steps on %d..%d %s workers (%s); metrics in %s", cfg.run.name, cfg.train.steps,
-             cfg.parallel.min_workers, cfg.parallel.max_workers,
-             "GPU" if cfg.parallel.use_gpu else "CPU", cfg.parallel.strategy, storage.uri(cfg.run.name, "metrics"))
+             p.min_workers, p.max_workers, "GPU" if p.use_gpu else "CPU", layout, storage.uri(cfg.run.name, "metrics"))
     follower = Follower(start_monitor(cfg.run.name), LiveView(cfg.train.steps, cfg.train.log_every)).start()
     try:
         result = trainer.fit()
