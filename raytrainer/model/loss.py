@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from raytrainer import kernels
+
 IGNORE_INDEX = -100
 
 
@@ -30,6 +32,8 @@ def token_loss_sums(
     """logits [..., V], labels [...] with IGNORE_INDEX for ignored positions. Computed in fp32. The plain
     case is torch's fused cross-entropy (one log-softmax, its own backward); the logsumexp that smoothing and
     the z-loss need is computed only when one of them is on."""
+    if kernels.enabled(logits):
+        return _kernel_loss_sums(logits, labels, label_smoothing, z_loss_weight)
     logits = logits.float().reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
     valid = labels != IGNORE_INDEX
@@ -55,6 +59,19 @@ def token_loss_sums(
         z=z.detach().sum(),
         count=valid.sum(),
     )
+
+
+def _kernel_loss_sums(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float,
+                      z_loss_weight: float) -> LossSums:
+    """token_loss_sums through the Triton cross-entropy: one pass over the vocabulary, no fp32 copy of the logits."""
+    labels = labels.reshape(-1)
+    valid = labels != IGNORE_INDEX
+    objective, lse, ce = kernels.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, label_smoothing)
+    zero = torch.zeros((), device=logits.device)
+    z = torch.where(valid, lse.square(), zero) if z_loss_weight > 0 else zero
+    if z_loss_weight > 0:
+        objective = objective + z_loss_weight * z
+    return LossSums(objective=objective.sum(), ce=ce.sum(), z=z.detach().sum(), count=valid.sum())
 
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from raytrainer import kernels
 from raytrainer.config import ModelConfig, RopeScaling
 
 
@@ -75,5 +76,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, heads, head_dim]; cos, sin: [B, T, head_dim]."""
+    if kernels.enabled(x):
+        return kernels.rope(x, cos, sin)
     cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
     return x * cos + rotate_half(x) * sin

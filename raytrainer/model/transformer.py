@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raytrainer import kernels
 from raytrainer.config import ModelConfig
 from raytrainer.model.attention import AttentionMask, attention, build_mask
 from raytrainer.model.fused_loss import chunked_loss_sums
@@ -46,6 +47,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.enabled(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()  # normalise in fp32 like HF Llama, whatever the activation dtype
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.type_as(x)
@@ -91,7 +94,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(kernels.swiglu(gate, up) if kernels.enabled(gate) else F.silu(gate) * up)
 
 
 class Block(nn.Module):
