@@ -72,9 +72,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
             b = min(a + chunk_tokens, hidden.shape[0])
             logits, t = _chunk_logits(hidden[a:b], weight, scale, softcap)
             chunk_lse = lse[a:b, None]
-            softmax = torch.exp(logits - chunk_lse)
+            # one chunk-sized buffer, worked in place: logits, then the softmax, then the gradient
+            grad = logits.sub_(chunk_lse).exp_()
             # d(term)/d(logits): (1 - eps)(p - onehot) + eps (p - 1/V) + 2 w lse p, i.e. p (1 + 2 w lse) - ...
-            grad = softmax * (1 + 2 * z_loss_weight * chunk_lse) if z_loss_weight > 0 else softmax
+            if z_loss_weight > 0:
+                grad.mul_(1 + 2 * z_loss_weight * chunk_lse)
             grad.scatter_add_(1, safe[a:b, None],
                               torch.full((b - a, 1), -(1 - label_smoothing), device=grad.device))
             if label_smoothing > 0:
@@ -88,7 +90,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[a:b] = (grad @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += (grad.t() @ hidden[a:b].to(weight.dtype)).float()
+                h = hidden[a:b].to(weight.dtype)
+                if weight.dtype == torch.float32:  # accumulated in place: no [V, D] temporary per chunk
+                    grad_weight.addmm_(grad.t(), h)
+                else:
+                    grad_weight += grad.t() @ h
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None
