@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,9 @@ class LocalS3Server:
     ports: dict[str, int] = field(default_factory=dict)
     pid: int | None = None
     _proc: subprocess.Popen | None = field(default=None, repr=False)
+    # Set once S3 answers a round trip; the process runs a while before that (a restart from another thread).
+    _answering: threading.Event = field(default_factory=threading.Event, repr=False)
+    _starting: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -100,6 +104,11 @@ class LocalS3Server:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def ready(self) -> bool:
+        """Running and answering S3 (a restarted process runs for seconds before it serves what it holds)."""
+        return self.running and self._answering.is_set()
 
     def s3_config(self):
         """The raytrainer S3Config that reaches this server."""
@@ -143,9 +152,18 @@ class LocalS3Server:
         return f"/tmp/raytrainer-weed-{component}-{self.ports['s3.port']}.sock"
 
     def start(self, timeout_s: float = 60.0) -> LocalS3Server:
-        """Start (or restart, on the same ports and data) and wait until S3 answers for the bucket."""
-        if self.running:
-            return self
+        """Start (or restart, on the same ports and data) and wait until S3 answers for the bucket; while another
+        thread starts it, wait for that start instead."""
+        with self._starting:
+            if self.running:
+                if not self._answering.wait(timeout_s):
+                    raise StorageServerError(f"SeaweedFS S3 at {self.endpoint_url} runs but does not answer after "
+                                             f"{timeout_s:.0f}s\n" + self.log_tail())
+                return self
+            return self._start(timeout_s)
+
+    def _start(self, timeout_s: float) -> LocalS3Server:
+        self._answering.clear()
         busy = [f"{flag}={port}" for flag, port in self.ports.items() if port_open(self.host, port)]
         if busy:
             raise StorageServerError(f"cannot start SeaweedFS: ports already in use on {self.host}: {busy}")
@@ -162,6 +180,7 @@ class LocalS3Server:
         except BaseException:
             self.stop()
             raise
+        self._answering.set()
         return self
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -196,6 +215,7 @@ class LocalS3Server:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop the server by its PID (SIGTERM, then SIGKILL); data and ports are kept for start()."""
+        self._answering.clear()
         proc, self._proc = self._proc, None
         if proc is None:
             return
