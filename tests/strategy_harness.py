@@ -178,3 +178,44 @@ def merge_rank_dirs(rank_dirs: list[Path], into: Path) -> Path:
     for d in rank_dirs:
         shutil.copytree(d, into, dirs_exist_ok=True)
     return into
+
+
+def load_as_a_resume_would(engine, out_dir: Path, source: str, name: str, rank: int, world_size: int) -> None:
+    """Load the checkpoint every rank saved under out_dir/source/rank<r> as a resume from object storage does:
+    the ranks' files side by side, and only those this rank's load reads fetched."""
+    import shutil
+
+    merged = merge_rank_dirs(sorted((out_dir / source).iterdir()), out_dir / f"merged-{name}-{rank}")
+    names = [p.name for p in merged.iterdir()]
+    needed = engine.checkpoint_files(merged, names, saved_world_size=world_size)
+    fetched = out_dir / f"fetched-{name}-{rank}"
+    fetched.mkdir()
+    for file in needed:
+        shutil.copy(merged / file, fetched / file)
+    engine.load_checkpoint(fetched, saved_world_size=world_size)
+
+
+def evaluation(engine, cfg: Config, rank: int) -> tuple[float, int]:
+    """The validation loss and label count of two global batches (those of steps 5 and 6), split as for training."""
+    dims = engine.strategy.dims
+    return engine.evaluate([rank_micro_batches(cfg, step, dims.dp_rank(rank), dims.dp) for step in (5, 6)])
+
+
+def assert_follows_the_reference(runs: list[dict], reference: dict) -> None:
+    """Every rank of a model-parallel run reports one loss / grad-norm curve and evaluation, and they are the
+    single process's (whose every step clipped its gradients)."""
+    import pytest
+
+    for run in runs[1:]:
+        assert torch.equal(run["curve"], runs[0]["curve"]), "ranks disagree on the global loss / grad norm"
+        assert run["eval"] == runs[0]["eval"]
+    assert (reference["curve"][:, 1] > 0.5).all()  # above the clip threshold: every step exercised clipping
+    torch.testing.assert_close(runs[0]["curve"], reference["curve"], rtol=2e-5, atol=2e-6)
+    assert runs[0]["eval"][1] == reference["eval"][1]
+    assert runs[0]["eval"][0] == pytest.approx(reference["eval"][0], rel=1e-5)
+
+
+def assert_same_gradients(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert grads.keys() == reference.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

@@ -4,8 +4,6 @@ run in the order each schedule says; checkpoints move between pipeline and data-
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,7 +12,11 @@ from torch.distributed.tensor import DTensor
 from raytrainer.config import ConfigError
 from raytrainer.train.pipeline import rank_stages, stage_layers
 from strategy_harness import (
+    assert_follows_the_reference,
+    assert_same_gradients,
     build,
+    evaluation,
+    load_as_a_resume_would,
     load_result,
     merge_rank_dirs,
     probe_batch,
@@ -102,11 +104,6 @@ def first_step_gradients(engine, cfg, rank: int) -> dict[str, torch.Tensor]:
     return grads
 
 
-def evaluation(engine, cfg, rank: int) -> tuple[float, int]:
-    dims = engine.strategy.dims
-    return engine.evaluate([rank_micro_batches(cfg, step, dims.dp_rank(rank), dims.dp) for step in (5, 6)])
-
-
 def run_curve(rank: int, world_size: int, out_dir, pp: int, schedule: str, strategy: str, tp: int) -> None:
     cfg = pp_config(pp, world_size, schedule, f"parallel.tp={tp}", strategy=strategy)
     _, engine = build(cfg, rank, world_size)
@@ -137,22 +134,13 @@ def reference() -> dict:
 def test_pipeline_follows_the_single_process_curve(world_size, pp, schedule, strategy, tp, reference, tmp_path):
     spawn(run_curve, world_size, tmp_path, pp, schedule, strategy, tp)
     runs = [load_result(tmp_path, "run", rank) for rank in range(world_size)]
-    for run in runs[1:]:
-        assert torch.equal(run["curve"], runs[0]["curve"]), "ranks disagree on the global loss / grad norm"
-        assert run["eval"] == runs[0]["eval"]
-    assert (reference["curve"][:, 1] > 0.5).all()  # above the clip threshold: every step exercised clipping
-    torch.testing.assert_close(runs[0]["curve"], reference["curve"], rtol=2e-5, atol=2e-6)
-    assert runs[0]["eval"][1] == reference["eval"][1]
-    assert runs[0]["eval"][0] == pytest.approx(reference["eval"][0], rel=1e-5)
+    assert_follows_the_reference(runs, reference)
     # every parameter's gradient is on exactly the stage holding it: the ranks of one pipeline cover the model
     pipeline = {}
     for run in runs[:pp * tp:tp]:
         assert not pipeline.keys() & run["grads"].keys()
         pipeline.update(run["grads"])
-    assert pipeline.keys() == reference["grads"].keys()
-    for name, grad in pipeline.items():
-        torch.testing.assert_close(grad, reference["grads"][name], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_gradients(pipeline, reference["grads"])
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -206,15 +194,7 @@ def run_between_meshes(rank: int, world_size: int, out_dir) -> None:
         if source is None:
             train_steps(engine, cfg, [0, 1, 2], rank, world_size)
         else:
-            # what a resume from object storage does: download only the files this rank's load reads
-            merged = merge_rank_dirs(sorted((out_dir / source).iterdir()), out_dir / f"merged-{name}-{rank}")
-            names = [p.name for p in merged.iterdir()]
-            needed = engine.checkpoint_files(merged, names, saved_world_size=world_size)
-            fetched = out_dir / f"fetched-{name}-{rank}"
-            fetched.mkdir()
-            for file in needed:
-                shutil.copy(merged / file, fetched / file)
-            engine.load_checkpoint(fetched, saved_world_size=world_size)
+            load_as_a_resume_would(engine, out_dir, source, name, rank, world_size)
             if pp == 1:  # the pipeline's weights, whole on one rank
                 with torch.no_grad():
                     results["dp2-logits"] = engine.strategy.module(probe_batch(cfg)).logits.clone()

@@ -136,7 +136,7 @@ class StepEngine:
                 outputs = pipeline.train(micro_batches, normalizer, self.scaler.scale_loss, token_losses)
             for out in outputs:
                 take(out)
-            forward.total += pipeline.block_seconds - blocks_before
+            forward.add(pipeline.block_seconds - blocks_before)
         for i, mb in enumerate(micro_batches if pipeline is None else []):
             inputs = self._inputs(mb)
             with contextlib.nullcontext() if i == last else s.no_sync():
@@ -417,11 +417,15 @@ class Stopwatch:
             self.total += time.perf_counter() - self._t0
         return False
 
+    def add(self, seconds: float) -> None:
+        """Time measured elsewhere (a pipeline's blocks, timed as they run)."""
+        self.total += seconds
+
     def seconds(self) -> float:
         if self.cuda:
             if self.pairs:
                 self.pairs[-1][1].synchronize()  # the step's loss was read already: this does not wait
-            return sum(a.elapsed_time(b) for a, b in self.pairs) / 1000.0
+            return sum(a.elapsed_time(b) for a, b in self.pairs) / 1000.0 + self.total
         return self.total
 
 
