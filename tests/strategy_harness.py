@@ -195,6 +195,37 @@ def load_as_a_resume_would(engine, out_dir: Path, source: str, name: str, rank: 
     engine.load_checkpoint(fetched, saved_world_size=world_size)
 
 
+def first_step_gradients(engine, cfg: Config, rank: int, token_losses: bool = False) -> dict[str, torch.Tensor]:
+    """This rank's parameters' whole gradients after step 0's backward (the step is then dropped)."""
+    from torch.distributed.tensor import DTensor
+
+    dims = engine.strategy.dims
+    engine.forward_backward(rank_micro_batches(cfg, 0, dims.dp_rank(rank), dims.dp), 0, token_losses=token_losses)
+    grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+             for n, p in engine.strategy.module.named_parameters()}
+    engine.zero_grad()
+    return grads
+
+
+def curve_run(cfg: Config, rank: int, world_size: int, steps, token_losses: bool = False):
+    """Step 0's gradients, the loss / grad-norm curve over `steps` and an evaluation, and the engine after them:
+    what a model-parallel run is compared with one process by (assert_follows_the_reference)."""
+    _, engine = build(cfg, rank, world_size)
+    grads = first_step_gradients(engine, cfg, rank, token_losses)
+    curve = torch.tensor(train_steps(engine, cfg, steps, rank, world_size))
+    return {"grads": grads, "curve": curve, "eval": evaluation(engine, cfg, rank)}, engine
+
+
+def single_process_curve(cfg: Config, steps, token_losses: bool = False):
+    """curve_run in this process on one thread (as each spawned rank runs), the thread count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return curve_run(cfg, 0, 1, steps, token_losses)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def evaluation(engine, cfg: Config, rank: int) -> tuple[float, int]:
     """The validation loss and label count of two global batches (those of steps 5 and 6), split as for training."""
     dims = engine.strategy.dims

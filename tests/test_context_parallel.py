@@ -12,14 +12,13 @@ from raytrainer.train.context_parallel import shard_sequence, zigzag_positions
 from strategy_harness import (
     assert_follows_the_reference,
     assert_same_gradients,
-    build,
-    evaluation,
+    curve_run,
     load_result,
     rank_micro_batches,
     save_result,
+    single_process_curve,
     spawn,
     tiny_config,
-    train_steps,
 )
 
 STEPS = range(4)  # steps 2 and 3: rows of 16 tokens, twice as many
@@ -63,14 +62,6 @@ def test_context_parallel_settings_are_checked_with_named_errors(overrides, mess
         tiny_config("ddp", *base, *overrides)
 
 
-def first_step_gradients(engine, cfg, rank: int) -> dict[str, torch.Tensor]:
-    dims = engine.strategy.dims
-    engine.forward_backward(rank_micro_batches(cfg, 0, dims.dp_rank(rank), dims.dp), 0, token_losses=True)
-    grads = {n: p.grad.clone() for n, p in engine.strategy.module.named_parameters()}
-    engine.zero_grad()
-    return grads
-
-
 def token_losses(engine, cfg, rank: int) -> torch.Tensor:
     dims = engine.strategy.dims
     stats = engine.forward_backward(rank_micro_batches(cfg, 7, dims.dp_rank(rank), dims.dp), 7, token_losses=True)
@@ -80,26 +71,15 @@ def token_losses(engine, cfg, rank: int) -> torch.Tensor:
 
 def run_curve(rank: int, world_size: int, out_dir, cp: int) -> None:
     cfg = cp_config(cp, world_size)
-    _, engine = build(cfg, rank, world_size)
-    grads = first_step_gradients(engine, cfg, rank)
-    curve = torch.tensor(train_steps(engine, cfg, STEPS, rank, world_size))
-    save_result(out_dir, "run", rank, {"grads": grads, "curve": curve, "eval": evaluation(engine, cfg, rank),
-                                       "token_ce": token_losses(engine, cfg, rank)})
+    run, engine = curve_run(cfg, rank, world_size, STEPS, token_losses=True)
+    save_result(out_dir, "run", rank, {**run, "token_ce": token_losses(engine, cfg, rank)})
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = tiny_config("ddp")
-        _, engine = build(cfg, 0, 1)
-        grads = first_step_gradients(engine, cfg, 0)
-        curve = torch.tensor(train_steps(engine, cfg, STEPS, 0, 1))
-        return {"grads": grads, "curve": curve, "eval": evaluation(engine, cfg, 0),
-                "token_ce": token_losses(engine, cfg, 0)}
-    finally:
-        torch.set_num_threads(threads)
+    cfg = tiny_config("ddp")
+    run, engine = single_process_curve(cfg, STEPS, token_losses=True)
+    return {**run, "token_ce": token_losses(engine, cfg, 0)}
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from raytrainer.config import ConfigError
 from raytrainer.train.pipeline import rank_stages, stage_layers
@@ -15,13 +14,13 @@ from strategy_harness import (
     assert_follows_the_reference,
     assert_same_gradients,
     build,
-    evaluation,
+    curve_run,
     load_as_a_resume_would,
     load_result,
     merge_rank_dirs,
     probe_batch,
-    rank_micro_batches,
     save_result,
+    single_process_curve,
     spawn,
     tiny_config,
     train_steps,
@@ -94,36 +93,14 @@ def test_a_pipeline_replica_is_tp_times_pp_consecutive_ranks():
 # ---------------------------------------------------------------------------------------------- equivalence
 
 
-def first_step_gradients(engine, cfg, rank: int) -> dict[str, torch.Tensor]:
-    """This rank's parameters' whole gradients after step 0's backward (the step is then dropped)."""
-    dims = engine.strategy.dims
-    engine.forward_backward(rank_micro_batches(cfg, 0, dims.dp_rank(rank), dims.dp), 0)
-    grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
-             for n, p in engine.strategy.module.named_parameters()}
-    engine.zero_grad()
-    return grads
-
-
 def run_curve(rank: int, world_size: int, out_dir, pp: int, schedule: str, strategy: str, tp: int) -> None:
     cfg = pp_config(pp, world_size, schedule, f"parallel.tp={tp}", strategy=strategy)
-    _, engine = build(cfg, rank, world_size)
-    grads = first_step_gradients(engine, cfg, rank)
-    curve = torch.tensor(train_steps(engine, cfg, STEPS, rank, world_size))
-    save_result(out_dir, "run", rank, {"grads": grads, "curve": curve, "eval": evaluation(engine, cfg, rank)})
+    save_result(out_dir, "run", rank, curve_run(cfg, rank, world_size, STEPS)[0])
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = tiny_config("ddp", *UNTIED_4_LAYERS)
-        _, engine = build(cfg, 0, 1)
-        grads = first_step_gradients(engine, cfg, 0)
-        curve = torch.tensor(train_steps(engine, cfg, STEPS, 0, 1))
-        return {"grads": grads, "curve": curve, "eval": evaluation(engine, cfg, 0)}
-    finally:
-        torch.set_num_threads(threads)
+    return single_process_curve(tiny_config("ddp", *UNTIED_4_LAYERS), STEPS)[0]
 
 
 @pytest.mark.slow
