@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_tensor_parallel import first_step_gradients
 
 from strategy_harness import (
     build,
+    first_step_gradients,
     load_result,
     merge_rank_dirs,
     probe_batch,
