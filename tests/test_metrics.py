@@ -58,6 +58,26 @@ def test_a_gpus_peak_is_that_of_the_dtype_in_use(monkeypatch):
     assert peaks == {"bf16": 989e12, "fp8": 2 * 989e12, "fp32": 989e12 / 2}
 
 
+def test_a_cpu_peak_measured_under_load_is_measured_again_once_mfu_exceeds_one(monkeypatch):
+    from raytrainer.train import metrics
+
+    # measured while a job's other processes loaded the cores: 1 GFLOP/s; then unloaded: 100, then loaded again
+    rates = iter([1e9, 100e9, 5e9, 100e9, 100e9])
+    monkeypatch.setattr(metrics, "_measure_cpu_matmul_peak", lambda *args: next(rates))
+    monkeypatch.setattr(metrics, "_cpu_peaks", {})
+    cfg = load_config("tiny", ["precision.dtype=fp32"])
+    meter = Throughput(cfg, world_size=1, device=torch.device("cpu"))
+    seq = 128
+    tokens = int(10e9 / flops_per_token(cfg.model, seq))  # 10 GFLOP in one second: impossible at 1 GFLOP/s
+    first = meter.update(tokens=tokens, seconds=1.0, seq_len=seq)
+    assert meter.peak == 100e9 and first["mfu"] == pytest.approx(0.1, rel=1e-3)  # the step reads the new peak
+    assert meter.update(tokens=tokens, seconds=1.0, seq_len=seq)["mfu"] == pytest.approx(0.1, rel=1e-3)
+    assert cpu_matmul_peak(again=True) == 100e9  # a lower rate measured again never lowers the peak
+    # A given peak, or one that an MFU under 1 does not contradict, is never measured again.
+    assert Throughput(load_config("tiny", ["train.peak_flops=1e9"]), 1).update(tokens, 1.0, seq)["mfu"] > 1
+    assert next(rates) == 100e9
+
+
 def test_attention_work_is_counted_inside_each_document():
     doc_ids = torch.tensor([[0, 0, 0, 1, 1], [2, 2, 2, 2, 2]])
     assert attended_pairs(doc_ids, (2, 5)) == (6 + 3) + 15  # 3 and 2 causal tokens; 5
