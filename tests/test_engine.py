@@ -180,6 +180,34 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
         torch.testing.assert_close(g, reference[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_compiled_blocks_compile_a_bounded_number_of_graphs_over_curriculum_lengths_and_padding(monkeypatch):
+    """A sequence-length warmup goes through many lengths, and a replica short of rows runs a one-row padding
+    micro-batch: the blocks recompile once to dynamic shapes, not once per length (dynamo's cache holds 8 graphs
+    per frame; past that it silently runs eagerly)."""
+    from torch._dynamo.utils import counters
+
+    # Dynamo decides what recompiles before a backend sees a graph: aot_eager keeps inductor's code generation
+    # (a minute on a CPU) out of the count.
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = tiny_config("train.compile=true", "model.max_seq_len=128")
+    model = parallelize(Transformer(cfg.model), cfg)
+    graphs = {}
+    for seq_len in (32, 64, 96, 128, 48):
+        batch = make_batch(tiny_config(f"train.seq_len={seq_len}", "model.max_seq_len=128",
+                                       f"train.global_batch_tokens={2 * seq_len}"), rows=2)
+        for micro_batch in (batch, padding_micro_batch(batch)):
+            inputs = {k: v for k, v in micro_batch.items() if k != "labels"}
+            model(**inputs, labels=micro_batch["labels"]).loss.backward()
+        graphs[seq_len] = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    # the first length and its padding batch static, then each dynamic in the length: no graph for later lengths
+    assert graphs[64] <= 4
+    assert graphs[96] == graphs[128] == graphs[48] == graphs[64]
+
+
 # ---------------------------------------------------------------------------------------------- apply
 
 
