@@ -7,7 +7,10 @@ repeats (ours, theirs, ours, ...), and the median ratio of tokens/s is reported.
 original comparison (d_model 256, 4 layers, 4 heads, ffn 688, vocab 8192, seq 512, batch 8) and a GQA one
 (8 heads, 2 kv heads). fp32, 2 threads, on the CPU. Writes bench/results/peer_model.json.
 
-    .venv/bin/python bench/peer_model.py [--repeats 5] [--steps 3]
+--profile adds, per shape, where each model's training step spends its time: torch.profiler's self CPU time
+per operator over the same steps, the two models side by side, the operators that differ most first.
+
+    .venv/bin/python bench/peer_model.py [--repeats 5] [--steps 3] [--profile]
 """
 
 from __future__ import annotations
@@ -69,10 +72,28 @@ def train(model: torch.nn.Module, batches: list[torch.Tensor], ours: bool) -> fl
     return sum(b.numel() for b in batches) / (time.perf_counter() - t0)
 
 
+def profile(model: torch.nn.Module, batches: list[torch.Tensor], ours: bool) -> dict[str, float]:
+    """Self CPU milliseconds per operator over `batches` training steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        train(model, batches, ours)
+    return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+
+
+def profile_table(ours: dict[str, float], theirs: dict[str, float], rows: int = 14) -> list[dict]:
+    """The operators whose time differs most between the two models (ms over the profiled steps)."""
+    ops = sorted(set(ours) | set(theirs), key=lambda op: -abs(ours.get(op, 0.0) - theirs.get(op, 0.0)))
+    return [{"op": op, "ours_ms": round(ours.get(op, 0.0), 1), "theirs_ms": round(theirs.get(op, 0.0), 1)}
+            for op in ops[:rows]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="training steps per timed repeat")
+    parser.add_argument("--profile", action="store_true", help="self CPU time per operator, side by side")
     args = parser.parse_args()
     torch.set_num_threads(2)
     result = {}
@@ -97,6 +118,15 @@ def main() -> None:
                         "ratios": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3)}
         print(f"{name}: ours/theirs tokens/s {result[name]['median_ratio']} (median of {args.repeats}: "
               f"{result[name]['ratios']}); first loss {first[0]:.5f} vs {first[1]:.5f}", flush=True)
+        if args.profile:
+            ours_ops, theirs_ops = profile(ours, batches, True), profile(theirs, batches, False)
+            table = profile_table(ours_ops, theirs_ops)
+            result[name]["profile_ms"] = {"ours_total": round(sum(ours_ops.values()), 1),
+                                          "theirs_total": round(sum(theirs_ops.values()), 1), "ops": table}
+            print(f"  self CPU ms over {len(batches)} steps: ours {result[name]['profile_ms']['ours_total']}, "
+                  f"theirs {result[name]['profile_ms']['theirs_total']}; largest differences:")
+            for row in table:
+                print(f"    {row['op']:<60} {row['ours_ms']:>9} {row['theirs_ms']:>9}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "peer_model.json").write_text(json.dumps(result, indent=2))
     print("peer_model: " + ", ".join(f"{k} {v['median_ratio']}" for k, v in result.items()))
