@@ -40,3 +40,31 @@ def test_logits_match_transformers_llama(scaling, tie):
     x = torch.randint(0, 97, (2, 100))
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, hf(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def load_peer_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "peer_model.py"
+    spec = importlib.util.spec_from_file_location("peer_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("shape", ["mha", "gqa"])
+def test_the_peer_bench_shapes_give_hfs_loss_and_gradients_from_the_exported_weights(shape):
+    """bench/peer_model.py compares tokens/s of two models that must be the same model: same weights through
+    the export mapping, the same loss and gradients on the same tokens (on a shorter row than the bench's)."""
+    peer = load_peer_bench()
+    ours, theirs, cfg = peer.build(peer.SHAPES[shape])
+    ids = torch.randint(0, cfg.vocab_size, (2, 96), generator=torch.Generator().manual_seed(0))
+    ours_loss, theirs_loss = peer.loss_of(ours, ids, ours=True), peer.loss_of(theirs, ids, ours=False)
+    torch.testing.assert_close(ours_loss, theirs_loss, rtol=1e-5, atol=1e-5)
+    ours_loss.backward()
+    theirs_loss.backward()
+    theirs_grads = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        hf_name = name if name.startswith("lm_head") else "model." + name
+        torch.testing.assert_close(p.grad, theirs_grads[hf_name].grad, rtol=1e-4, atol=1e-6, msg=name)
