@@ -38,6 +38,39 @@ def test_the_sums_and_gradients_equal_the_materialised_logits(smoothing, z_weigh
         torch.testing.assert_close(ce.double(), token_ce(logits, labels).double(), rtol=1e-5, atol=1e-6)
 
 
+def test_the_head_is_multiplied_as_often_as_with_the_logits_and_not_at_all_without_gradients():
+    """The logits are turned into the gradients while they are at hand: lm_head's matmul runs once per chunk in
+    forward (not again in backward), so forward + backward cost the naive path's three products."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulFlops(TorchDispatchMode):  # torch's FlopCounterMode does not count the in-place addmm_
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name == "mm":
+                self.flops += 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[1]
+            elif name in ("addmm", "addmm_"):
+                self.flops += 2 * args[1].shape[0] * args[1].shape[1] * args[2].shape[1]
+            return func(*args, **(kwargs or {}))
+
+    n, d, vocab = 64, 16, 50
+    hidden = torch.randn(n, d, requires_grad=True)
+    weight = torch.randn(vocab, d, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,))
+
+    def matmul_flops(run) -> int:
+        with MatmulFlops() as counter:
+            run()
+        return counter.flops
+
+    naive = matmul_flops(lambda: token_loss_sums(hidden @ weight.t(), labels).objective.backward())
+    chunked = matmul_flops(lambda: chunked_loss_sums(hidden, weight, labels, chunk_tokens=16)[0].objective.backward())
+    assert naive == chunked == 3 * 2 * n * d * vocab
+    with torch.no_grad():  # evaluation: the forward product only
+        assert matmul_flops(lambda: chunked_loss_sums(hidden, weight, labels, chunk_tokens=16)) == 2 * n * d * vocab
+
+
 @pytest.mark.parametrize("extra", [
     {},
     {"mtp_heads": 2, "tie_embeddings": True},

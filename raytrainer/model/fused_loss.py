@@ -4,11 +4,11 @@
 
 The naive path materialises logits [N, V] in the matmul's dtype and again in fp32 for the loss (and keeps them
 for backward): at vocab 128k and 16k tokens a micro-batch that is 8 GB in fp32. Here each chunk of tokens
-goes through the head, its loss terms are summed, and only each token's logsumexp is kept; backward
-recomputes the chunk's logits and turns them straight into the gradients of the hidden states and the
-weight. Same terms as raytrainer.model.loss.token_loss_sums (label smoothing, z-loss, ignored positions)
-plus what the model does to logits before the loss (μP's 1/m, soft-capping); terms that are off are not
-computed.
+goes through the head, its loss terms are summed, and its logits are turned in place into the gradients of
+the hidden states and the weight (when they are wanted), which backward only scales: the logits are computed
+once, and what lives from forward to backward is the size of the hidden states and of the weight. Same
+terms as raytrainer.model.loss.token_loss_sums (label smoothing, z-loss, ignored positions) plus what the
+model does to logits before the loss (μP's 1/m, soft-capping); terms that are off are not computed.
 """
 
 from __future__ import annotations
@@ -31,18 +31,48 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, scale: float, softcap: 
     return softcap * t, t
 
 
+def _chunk_gradient(logits: torch.Tensor, t: torch.Tensor | None, lse: torch.Tensor, safe: torch.Tensor,
+                    valid: torch.Tensor, settings: tuple) -> torch.Tensor:
+    """d(objective)/d(raw logits) of a chunk, worked in place in the logits' buffer (which it consumes)."""
+    scale, softcap, label_smoothing, z_loss_weight, _ = settings
+    vocab = logits.shape[1]
+    grad = logits.sub_(lse[:, None]).exp_()  # the softmax
+    # d(term)/d(logits): (1 - eps)(p - onehot) + eps (p - 1/V) + 2 w lse p, i.e. p (1 + 2 w lse) - ...
+    if z_loss_weight > 0:
+        grad.mul_(1 + 2 * z_loss_weight * lse[:, None])
+    grad.scatter_add_(1, safe[:, None], torch.full((len(safe), 1), -(1 - label_smoothing), device=grad.device))
+    if label_smoothing > 0:
+        grad -= label_smoothing / vocab
+    grad *= valid[:, None].to(grad.dtype)
+    if softcap is not None:
+        grad *= 1 - t.pow(2)  # d(cap * tanh(x / cap))/dx
+    if scale != 1.0:
+        grad *= scale
+    return grad
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
+    """The objective's gradients are computed in forward, chunk by chunk, while each chunk's logits are at hand
+    (as Liger's fused linear cross-entropy does): backward only scales them, so lm_head's matmul is not run a
+    second time to recompute the logits (+1/3 of the head's FLOPs otherwise; 7% of llama-1b's step)."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, labels, scale, softcap, label_smoothing, z_loss_weight, chunk_tokens):
+    def forward(ctx, hidden, weight, labels, scale, softcap, label_smoothing, z_loss_weight, chunk_tokens,
+                grad_enabled):
         n = hidden.shape[0]
+        settings = (scale, softcap, label_smoothing, z_loss_weight, chunk_tokens)
         valid = labels != IGNORE_INDEX
         safe = labels.clamp(min=0)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         ce = torch.empty(n, dtype=torch.float32, device=hidden.device)
         objective = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # (under no_grad, needs_input_grad still follows the inputs' requires_grad)
+        grad_hidden = torch.empty_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if grad_enabled and ctx.needs_input_grad[1] else None
         for a in range(0, n, chunk_tokens):
             b = min(a + chunk_tokens, n)
-            logits, _ = _chunk_logits(hidden[a:b], weight, scale, softcap)
+            logits, t = _chunk_logits(hidden[a:b], weight, scale, softcap)
             chunk_lse = torch.logsumexp(logits, dim=-1)
             chunk_ce = chunk_lse - logits.gather(1, safe[a:b, None]).squeeze(1)
             term = chunk_ce
@@ -52,41 +82,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 term = term + z_loss_weight * chunk_lse.pow(2)
             objective += torch.where(valid[a:b], term, 0.0).sum()
             lse[a:b], ce[a:b] = chunk_lse, chunk_ce
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.settings = (scale, softcap, label_smoothing, z_loss_weight, chunk_tokens)
-        ce = torch.where(valid, ce, 0.0)
-        ctx.mark_non_differentiable(ce, lse)
-        return objective, ce, lse
-
-    @staticmethod
-    def backward(ctx, grad_objective, _grad_ce, _grad_lse):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        scale, softcap, label_smoothing, z_loss_weight, chunk_tokens = ctx.settings
-        valid = labels != IGNORE_INDEX
-        safe = labels.clamp(min=0)
-        vocab = weight.shape[0]
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        for a in range(0, hidden.shape[0], chunk_tokens):
-            b = min(a + chunk_tokens, hidden.shape[0])
-            logits, t = _chunk_logits(hidden[a:b], weight, scale, softcap)
-            chunk_lse = lse[a:b, None]
-            # one chunk-sized buffer, worked in place: logits, then the softmax, then the gradient
-            grad = logits.sub_(chunk_lse).exp_()
-            # d(term)/d(logits): (1 - eps)(p - onehot) + eps (p - 1/V) + 2 w lse p, i.e. p (1 + 2 w lse) - ...
-            if z_loss_weight > 0:
-                grad.mul_(1 + 2 * z_loss_weight * chunk_lse)
-            grad.scatter_add_(1, safe[a:b, None],
-                              torch.full((b - a, 1), -(1 - label_smoothing), device=grad.device))
-            if label_smoothing > 0:
-                grad -= label_smoothing / vocab
-            grad *= (valid[a:b, None] * grad_objective).to(grad.dtype)
-            if softcap is not None:
-                grad *= 1 - t.pow(2)  # d(cap * tanh(x / cap))/dx
-            if scale != 1.0:
-                grad *= scale
-            grad = grad.to(weight.dtype)
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad = _chunk_gradient(logits, t, chunk_lse, safe[a:b], valid[a:b], settings).to(weight.dtype)
             if grad_hidden is not None:
                 grad_hidden[a:b] = (grad @ weight).to(hidden.dtype)
             if grad_weight is not None:
@@ -95,9 +93,20 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     grad_weight.addmm_(grad.t(), h)
                 else:
                     grad_weight += grad.t() @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ce = torch.where(valid, ce, 0.0)
+        ctx.mark_non_differentiable(ce, lse)
+        return objective, ce, lse
+
+    @staticmethod
+    def backward(ctx, grad_objective, _grad_ce, _grad_lse):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_objective.to(grad_hidden.dtype)
         if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+            grad_weight = (grad_weight * grad_objective).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def chunked_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int,
@@ -109,7 +118,8 @@ def chunked_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     objective, ce, lse = _ChunkedLinearCE.apply(flat, weight, flat_labels, float(scale), softcap,
-                                                float(label_smoothing), float(z_loss_weight), int(chunk_tokens))
+                                                float(label_smoothing), float(z_loss_weight), int(chunk_tokens),
+                                                torch.is_grad_enabled())
     valid = flat_labels != IGNORE_INDEX
     z = torch.where(valid, lse.pow(2), 0.0).sum() if z_loss_weight > 0 else torch.zeros((), device=lse.device)
     return LossSums(objective=objective, ce=ce.sum(), z=z, count=valid.sum()), ce.reshape(labels.shape)
