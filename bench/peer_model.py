@@ -3,7 +3,9 @@
 Both models are built in this process from one config (the peer offline, from its config: nothing is
 downloaded) and start from the same weights (the export mapping, raytrainer.hf.architecture), so their first
 losses must agree; then each trains with the same AdamW loop on the same random batches, in interleaved
-repeats (ours, theirs, ours, ...), and the median ratio of tokens/s is reported. Shapes: the one of the
+repeats (ours, theirs, ours, ...), and the median ratio of tokens/s is reported: ours as built by default,
+and ours with the chunked loss (model.loss.chunk_tokens=1024: lm_head and the loss a chunk of tokens at a
+time, the logits never whole), both against the same peer. Shapes: the one of the
 original comparison (d_model 256, 4 layers, 4 heads, ffn 688, vocab 8192, seq 512, batch 8) and a GQA one
 (8 heads, 2 kv heads). fp32, 2 threads, on the CPU. Writes bench/results/peer_model.json.
 
@@ -40,10 +42,14 @@ SHAPES = {
 SEQ, BATCH = 512, 8
 
 
-def build(shape: dict) -> tuple[torch.nn.Module, torch.nn.Module, ModelConfig]:
+CHUNK_TOKENS = 1024
+
+
+def build(shape: dict, chunk_tokens: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, ModelConfig]:
+    """Ours (with model.loss.chunk_tokens) and the peer, from the same weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = ModelConfig(**shape, qk_norm=False)
+    cfg = ModelConfig(**shape, qk_norm=False, loss={"chunk_tokens": chunk_tokens})
     torch.manual_seed(0)
     ours = Transformer(cfg)
     config = {k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type", "dtype")}
@@ -99,37 +105,41 @@ def main() -> None:
     result = {}
     for name, shape in SHAPES.items():
         ours, theirs, cfg = build(shape)
+        chunked, _, _ = build(shape, CHUNK_TOKENS)
+        models = {"ours": (ours, True), "ours_chunked_loss": (chunked, True), "theirs": (theirs, False)}
         gen = torch.Generator().manual_seed(1)
         batches = [torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=gen) for _ in range(args.steps)]
         with torch.no_grad():
-            first = (float(loss_of(ours, batches[0], True)), float(loss_of(theirs, batches[0], False)))
-        train(ours, batches[:1], True)  # warm up both (allocator, threads)
-        train(theirs, batches[:1], False)
-        ratios, rates = [], {"ours": [], "theirs": []}
+            first = {k: float(loss_of(m, batches[0], is_ours)) for k, (m, is_ours) in models.items()}
+        for model, is_ours in models.values():  # warm up (allocator, threads)
+            train(model, batches[:1], is_ours)
+        rates = {k: [] for k in models}
         for _ in range(args.repeats):
-            a = train(ours, batches, True)
-            b = train(theirs, batches, False)
-            rates["ours"].append(a)
-            rates["theirs"].append(b)
-            ratios.append(a / b)
-        result[name] = {"shape": shape, "seq": SEQ, "batch": BATCH, "first_loss": first,
-                        "same_first_loss": abs(first[0] - first[1]) < 1e-4 * abs(first[1]),
-                        "tokens_per_s": {k: round(statistics.median(v)) for k, v in rates.items()},
-                        "ratios": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3)}
-        print(f"{name}: ours/theirs tokens/s {result[name]['median_ratio']} (median of {args.repeats}: "
-              f"{result[name]['ratios']}); first loss {first[0]:.5f} vs {first[1]:.5f}", flush=True)
+            for k, (model, is_ours) in models.items():
+                rates[k].append(train(model, batches, is_ours))
+        row = {"shape": shape, "seq": SEQ, "batch": BATCH, "first_loss": first,
+               "same_first_loss": all(abs(v - first["theirs"]) < 1e-4 * abs(first["theirs"]) for v in first.values()),
+               "tokens_per_s": {k: round(statistics.median(v)) for k, v in rates.items()}}
+        for k in ("ours", "ours_chunked_loss"):
+            ratios = [a / b for a, b in zip(rates[k], rates["theirs"], strict=True)]
+            row[k] = {"ratios": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3)}
+        result[name] = row
+        print(f"{name}: ours/theirs tokens/s {row['ours']['median_ratio']} (median of {args.repeats}: "
+              f"{row['ours']['ratios']}), with the chunked loss {row['ours_chunked_loss']['median_ratio']} "
+              f"({row['ours_chunked_loss']['ratios']}); first losses {first}", flush=True)
         if args.profile:
             ours_ops, theirs_ops = profile(ours, batches, True), profile(theirs, batches, False)
             table = profile_table(ours_ops, theirs_ops)
-            result[name]["profile_ms"] = {"ours_total": round(sum(ours_ops.values()), 1),
-                                          "theirs_total": round(sum(theirs_ops.values()), 1), "ops": table}
-            print(f"  self CPU ms over {len(batches)} steps: ours {result[name]['profile_ms']['ours_total']}, "
-                  f"theirs {result[name]['profile_ms']['theirs_total']}; largest differences:")
-            for row in table:
-                print(f"    {row['op']:<60} {row['ours_ms']:>9} {row['theirs_ms']:>9}")
+            row["profile_ms"] = {"ours_total": round(sum(ours_ops.values()), 1),
+                                 "theirs_total": round(sum(theirs_ops.values()), 1), "ops": table}
+            print(f"  self CPU ms over {len(batches)} steps: ours {row['profile_ms']['ours_total']}, "
+                  f"theirs {row['profile_ms']['theirs_total']}; largest differences:")
+            for op in table:
+                print(f"    {op['op']:<60} {op['ours_ms']:>9} {op['theirs_ms']:>9}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "peer_model.json").write_text(json.dumps(result, indent=2))
-    print("peer_model: " + ", ".join(f"{k} {v['median_ratio']}" for k, v in result.items()))
+    print("peer_model: " + ", ".join(f"{k} {v['ours']['median_ratio']} (chunked loss "
+                                     f"{v['ours_chunked_loss']['median_ratio']})" for k, v in result.items()))
 
 
 if __name__ == "__main__":

@@ -53,12 +53,13 @@ def load_peer_bench():
     return module
 
 
-@pytest.mark.parametrize("shape", ["mha", "gqa"])
-def test_the_peer_bench_shapes_give_hfs_loss_and_gradients_from_the_exported_weights(shape):
+@pytest.mark.parametrize("shape,chunk_tokens", [("mha", 0), ("gqa", 0), ("gqa", 64)])
+def test_the_peer_bench_shapes_give_hfs_loss_and_gradients_from_the_exported_weights(shape, chunk_tokens):
     """bench/peer_model.py compares tokens/s of two models that must be the same model: same weights through
-    the export mapping, the same loss and gradients on the same tokens (on a shorter row than the bench's)."""
+    the export mapping, the same loss and gradients on the same tokens (on a shorter row than the bench's), ours
+with the chunked loss too."""
     peer = load_peer_bench()
-    ours, theirs, cfg = peer.build(peer.SHAPES[shape])
+    ours, theirs, cfg = peer.build(peer.SHAPES[shape], chunk_tokens)
     ids = torch.randint(0, cfg.vocab_size, (2, 96), generator=torch.Generator().manual_seed(0))
     ours_loss, theirs_loss = peer.loss_of(ours, ids, ours=True), peer.loss_of(theirs, ids, ours=False)
     torch.testing.assert_close(ours_loss, theirs_loss, rtol=1e-5, atol=1e-5)
