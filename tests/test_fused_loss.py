@@ -71,6 +71,15 @@ def test_the_head_is_multiplied_as_often_as_with_the_logits_and_not_at_all_witho
         assert matmul_flops(lambda: chunked_loss_sums(hidden, weight, labels, chunk_tokens=16)) == 2 * n * d * vocab
 
 
+def test_a_second_backward_through_the_chunked_loss_is_refused_by_name():
+    hidden = torch.randn(8, 4, requires_grad=True)
+    weight = torch.randn(10, 4, requires_grad=True)
+    sums, _ = chunked_loss_sums(hidden, weight, torch.randint(0, 10, (8,)), chunk_tokens=4)
+    sums.objective.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="model.loss.chunk_tokens"):
+        sums.objective.backward()
+
+
 @pytest.mark.parametrize("extra", [
     {},
     {"mtp_heads": 2, "tie_embeddings": True},

@@ -24,19 +24,39 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, scale: float, softcap: 
     needs it)."""
     logits = (h.to(weight.dtype) @ weight.t()).float()
     if scale != 1.0:
-        logits = logits * scale
+        logits.mul_(scale)  # a fresh buffer (fp32 already, or just converted): worked in place
     if softcap is None:
         return logits, None
-    t = torch.tanh(logits / softcap)
-    return softcap * t, t
+    t = torch.tanh(logits.div_(softcap))
+    return torch.mul(t, softcap, out=logits), t
 
 
-def _chunk_gradient(logits: torch.Tensor, t: torch.Tensor | None, lse: torch.Tensor, safe: torch.Tensor,
+def _chunk_terms(logits: torch.Tensor, safe: torch.Tensor, label_smoothing: float, z_loss_weight: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A chunk's logsumexp, CE and loss term per token, and its softmax, written over the logits (which it
+    consumes): one chunk-sized buffer in all."""
+    target = logits.gather(1, safe[:, None]).squeeze(1)
+    mean = logits.mean(dim=-1) if label_smoothing > 0 else None
+    peak = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(peak).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    probs.div_(total)
+    lse = (total.log_() + peak).squeeze(1)
+    ce = lse - target
+    term = ce
+    if label_smoothing > 0:
+        term = (1 - label_smoothing) * ce + label_smoothing * (lse - mean)
+    if z_loss_weight > 0:
+        term = term + z_loss_weight * lse.pow(2)
+    return lse, ce, term, probs
+
+
+def _chunk_gradient(probs: torch.Tensor, t: torch.Tensor | None, lse: torch.Tensor, safe: torch.Tensor,
                     valid: torch.Tensor, settings: tuple) -> torch.Tensor:
-    """d(objective)/d(raw logits) of a chunk, worked in place in the logits' buffer (which it consumes)."""
+    """d(objective)/d(raw logits) of a chunk, worked in place in the softmax's buffer (which it consumes)."""
     scale, softcap, label_smoothing, z_loss_weight, _ = settings
-    vocab = logits.shape[1]
-    grad = logits.sub_(lse[:, None]).exp_()  # the softmax
+    vocab = probs.shape[1]
+    grad = probs
     # d(term)/d(logits): (1 - eps)(p - onehot) + eps (p - 1/V) + 2 w lse p, i.e. p (1 + 2 w lse) - ...
     if z_loss_weight > 0:
         grad.mul_(1 + 2 * z_loss_weight * lse[:, None])
@@ -73,18 +93,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for a in range(0, n, chunk_tokens):
             b = min(a + chunk_tokens, n)
             logits, t = _chunk_logits(hidden[a:b], weight, scale, softcap)
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            chunk_ce = chunk_lse - logits.gather(1, safe[a:b, None]).squeeze(1)
-            term = chunk_ce
-            if label_smoothing > 0:
-                term = (1 - label_smoothing) * chunk_ce + label_smoothing * (chunk_lse - logits.mean(dim=-1))
-            if z_loss_weight > 0:
-                term = term + z_loss_weight * chunk_lse.pow(2)
+            chunk_lse, chunk_ce, term, probs = _chunk_terms(logits, safe[a:b], label_smoothing, z_loss_weight)
             objective += torch.where(valid[a:b], term, 0.0).sum()
             lse[a:b], ce[a:b] = chunk_lse, chunk_ce
             if grad_hidden is None and grad_weight is None:
                 continue
-            grad = _chunk_gradient(logits, t, chunk_lse, safe[a:b], valid[a:b], settings).to(weight.dtype)
+            grad = _chunk_gradient(probs, t, chunk_lse, safe[a:b], valid[a:b], settings).to(weight.dtype)
             if grad_hidden is not None:
                 grad_hidden[a:b] = (grad @ weight).to(hidden.dtype)
             if grad_weight is not None:
@@ -93,7 +107,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     grad_weight.addmm_(grad.t(), h)
                 else:
                     grad_weight += grad.t() @ h
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        # kept on ctx, not saved for backward: backward scales them in place and lets them go (a scaled copy of a
+        # vocab x d_model fp32 gradient would be one more such buffer at the peak)
+        ctx.grads = (grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ce = torch.where(valid, ce, 0.0)
         ctx.mark_non_differentiable(ce, lse)
@@ -101,11 +117,15 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_objective, _grad_ce, _grad_lse):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("the chunked loss (model.loss.chunk_tokens) went backward twice: its gradients are "
+                               "computed once, in forward; run forward again, or set model.loss.chunk_tokens=0")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_objective.to(grad_hidden.dtype)
+            grad_hidden.mul_(grad_objective.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_objective).to(ctx.weight_dtype)
+            grad_weight = grad_weight.mul_(grad_objective).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
