@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 
 import pytest
 import torch
@@ -40,7 +41,8 @@ def run_loop(rank: int, world_size: int, out_dir, dataset, storage: str, extra: 
     save_result(out_dir, tag, rank, {h["step"]: h["loss"] for h in history if h.get("applied")})
 
 
-def run_guarded(rank: int, world_size: int, out_dir, dataset, storage: str, extra: tuple, tag: str):
+def run_guarded(rank: int, world_size: int, out_dir, dataset, storage: str, extra: tuple, tag: str,
+                rank1_upload_delay_s: float = 0.0):
     from raytrainer.fault.events import EventLog, RunStore
     from raytrainer.fault.guardian import Guardian
     from raytrainer.train.loop import WorkerEnv
@@ -55,6 +57,15 @@ def run_guarded(rank: int, world_size: int, out_dir, dataset, storage: str, extr
     guardian = Guardian(cfg.guardian, cfg.run.name, on_event=events.append if events else None)
     trainer = build_trainer(cfg, env, torch.device("cpu"), guardian=guardian)
     trainer.checkpoints.staging = out_dir / f"staging-{tag}-{rank}"
+    if rank == 1 and rank1_upload_delay_s:  # a slow rank: its part of each checkpoint commits seconds late
+        writer = trainer.checkpoints.store.writer
+        save = writer._save
+
+        def slow_save(*job):
+            time.sleep(rank1_upload_delay_s)
+            return save(*job)
+
+        writer._save = slow_save
     history = trainer.fit()["history"]
     if events is not None:
         events.close()
@@ -88,17 +99,19 @@ def test_two_rank_run_resumes_on_one_rank_along_the_same_curve(extra, dataset, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [("parallel.strategy=fsdp",),
-                                   ("parallel.strategy=deepspeed", "parallel.zero_stage=2"),
-                                   # the loss is computed on the last stage: both explosions there
-                                   (*PIPELINE, "faults=[{step: 5, kind: grad_explode, rank: 1}, "
-                                               "{step: 9, kind: grad_explode, rank: 1}]")],
-                         ids=["fsdp", "zero2", "pp2"])
-def test_guardian_skips_then_rolls_back_every_rank_in_place(extra, dataset, tmp_path):
+@pytest.mark.parametrize("extra,upload_delay_s", [
+    (("parallel.strategy=fsdp",), 0.0),
+    (("parallel.strategy=deepspeed", "parallel.zero_stage=2"), 0.0),
+    # the loss is computed on the last stage: both explosions there
+    ((*PIPELINE, "faults=[{step: 5, kind: grad_explode, rank: 1}, {step: 9, kind: grad_explode, rank: 1}]"), 0.0),
+    # rank 1 commits its part of checkpoint 4 long after step 9: the skip at 5 waits for it, so it is the target
+    (("parallel.strategy=fsdp",), 4.0),
+], ids=["fsdp", "zero2", "pp2", "fsdp-slow-rank-upload"])
+def test_guardian_skips_then_rolls_back_every_rank_in_place(extra, upload_delay_s, dataset, tmp_path):
     from raytrainer.fault.events import RunStore, read_events
 
     storage = tmp_path / "run"
-    spawn(run_guarded, 2, tmp_path, dataset, str(storage), extra, "guarded")
+    spawn(run_guarded, 2, tmp_path, dataset, str(storage), extra, "guarded", upload_delay_s)
     histories = [load_result(tmp_path, "guarded", rank) for rank in range(2)]
     decisions = [[(h["step"], h["action"]) for h in hist if h.get("action") != "continue"] for hist in histories]
     assert decisions[0] == decisions[1]  # every rank acted on rank 0's decision
