@@ -116,7 +116,8 @@ def main() -> None:
         rates = {k: [] for k in models}
         names = list(models)
         for r in range(args.repeats):
-            for k in names[r % 3:] + names[:r % 3]:  # each model first in turn: no place in the order favoured
+            # each model first in turn: no place in the order favoured
+            for k in names[r % len(names):] + names[:r % len(names)]:
                 model, is_ours = models[k]
                 rates[k].append(train(model, batches, is_ours))
         row = {"shape": shape, "seq": SEQ, "batch": BATCH, "first_loss": first,

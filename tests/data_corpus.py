@@ -72,10 +72,14 @@ def mtimes(dataset: Path) -> dict[str, int]:
     return {str(p.relative_to(dataset)): p.stat().st_mtime_ns for p in dataset.rglob("*.parquet")}
 
 
-def load_job(name: str) -> ModuleType:
-    """A script under jobs/ as a module (jobs/ is not a package)."""
-    path = Path(__file__).resolve().parent.parent / "jobs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"job_{name}", path)
+def load_script(folder: str, name: str) -> ModuleType:
+    """A script under jobs/ or bench/ as a module (neither is a package)."""
+    path = Path(__file__).resolve().parent.parent / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_job(name: str) -> ModuleType:
+    return load_script("jobs", name)

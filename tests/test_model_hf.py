@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from data_corpus import load_script
 from raytrainer.config import ModelConfig, RopeScaling
 from raytrainer.model import Transformer
 
@@ -42,23 +43,12 @@ def test_logits_match_transformers_llama(scaling, tie):
         torch.testing.assert_close(ours(x).logits, hf(x).logits, rtol=1e-4, atol=1e-4)
 
 
-def load_peer_bench():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "peer_model.py"
-    spec = importlib.util.spec_from_file_location("peer_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("shape,chunk_tokens", [("mha", 0), ("gqa", 0), ("gqa", 64)])
 def test_the_peer_bench_shapes_give_hfs_loss_and_gradients_from_the_exported_weights(shape, chunk_tokens):
     """bench/peer_model.py compares tokens/s of two models that must be the same model: same weights through
     the export mapping, the same loss and gradients on the same tokens (on a shorter row than the bench's), ours
 with the chunked loss too."""
-    peer = load_peer_bench()
+    peer = load_script("bench", "peer_model")
     ours, theirs, cfg = peer.build(peer.SHAPES[shape], chunk_tokens)
     ids = torch.randint(0, cfg.vocab_size, (2, 96), generator=torch.Generator().manual_seed(0))
     ours_loss, theirs_loss = peer.loss_of(ours, ids, ours=True), peer.loss_of(theirs, ids, ours=False)

@@ -228,19 +228,16 @@ class Trainer:
             self.save(step)
             self._last_step_end = None  # a save's stall is measured by the checkpoint bench, not as a slow step
         if decision.action == "skip":
-            self.settle_checkpoints()
+            # A rollback may follow within the guardian's window, to the newest checkpoint before this anomaly:
+            # every rank's uploads are committed first, so that checkpoint is known by then (a slow rank's
+            # upload would otherwise leave the guardian no target)
+            self.checkpoints.settle()
         self.keep_books(decision.pin)
         if decision.exclude_nodes:
             self.leave(step, decision.exclude_nodes, saved)
         if told:
             self.stop_for_notice(step, told, saved)
         return step
-
-    def settle_checkpoints(self) -> None:
-        """After a skipped update a rollback may follow within the guardian's window, and its target is the
-        newest checkpoint before the anomaly: wait until every rank has committed what it is uploading, so that
-        checkpoint is known by then (a slow rank's upload would otherwise leave the guardian no target)."""
-        self.checkpoints.settle()
 
     def note_stop_notice(self) -> bool:
         """Whether this rank was told to stop; said once in the log (by this rank: it may be the only one)."""

@@ -165,7 +165,7 @@ class Throughput:
         if self.cfg.train.peak_flops is not None or self.device.type != "cpu" or self._peak_checks_left <= 0:
             return
         self._peak_checks_left -= 1
-        self._peak = max(self.peak, cpu_peak_flops(self.cfg, again=True))
+        self._peak = cpu_peak_flops(self.cfg, again=True)  # the higher of the rates measured
 
     def step_flops(self, tokens: int, seq_len: int | None = None, attended_pairs: float = 0.0) -> float:
         """Training FLOPs of a step: 6N per token plus the attention work done (PaLM's full square when the
