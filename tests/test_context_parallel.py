@@ -92,4 +92,6 @@ def test_context_parallel_follows_the_single_process_curve(world_size, cp, refer
     # every token's loss, whole rows again on the replica's first rank (what per-document blame reads)
     dp = world_size // cp
     mine = torch.cat([runs[r * cp]["token_ce"] for r in range(dp)])[:len(reference["token_ce"])]
-    torch.testing.assert_close(mine, reference["token_ce"], rtol=1e-5, atol=1e-6)
+    # (after four updates the weights differ by fp32 rounding, which moves a token's loss by ~1e-5 relative on
+    # some CPUs; rows put back in the wrong order would be off by whole nats)
+    torch.testing.assert_close(mine, reference["token_ce"], rtol=1e-4, atol=1e-5)

@@ -34,7 +34,7 @@ def test_metrics_survive_a_crash_and_resume(dataset, tmp_path):
     while step < 25:  # the step-20 checkpoint is the last one before the "crash"
         step = first.train_step(step)
         first.keep_books()
-    first.checkpoints.wait()
+    first.checkpoints.settle()  # uploaded, and rank 0's housekeeper has seen every rank commit it
     first.keep_books()
     assert first.recorder.flush(timeout_s=30)  # as the flush before the step-20 save had written
     # The process dies here: no close(), no final records.
