@@ -34,12 +34,13 @@ sys.path.insert(0, str(ROOT))
 
 from raytrainer.config import load_config  # noqa: E402
 
+LOGITS = "model.loss.chunk_tokens=0"  # the default chunks the loss: the variants that measure without it say so
 VARIANTS = {
-    "baseline": ({"RAYTRAINER_KERNELS": "torch"}, []),
-    "+kernels": ({}, []),
-    "+compile": ({"RAYTRAINER_KERNELS": "torch"}, ["train.compile=true"]),
+    "baseline": ({"RAYTRAINER_KERNELS": "torch"}, [LOGITS]),
+    "+kernels": ({}, [LOGITS]),
+    "+compile": ({"RAYTRAINER_KERNELS": "torch"}, ["train.compile=true", LOGITS]),
     "+chunked": ({"RAYTRAINER_KERNELS": "torch"}, ["model.loss.chunk_tokens=4096"]),
-    "+fp8": ({"RAYTRAINER_KERNELS": "torch"}, ["train.compile=true", "precision.dtype=fp8"]),
+    "+fp8": ({"RAYTRAINER_KERNELS": "torch"}, ["train.compile=true", "precision.dtype=fp8", LOGITS]),
     "all": ({}, ["train.compile=true", "model.loss.chunk_tokens=4096", "precision.dtype=fp8"]),
 }
 DRY_RUN = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",

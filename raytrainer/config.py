@@ -108,13 +108,27 @@ class RopeScaling(Section):
     beta_slow: float = 1.0
 
 
+AUTO_LOSS_CHUNK_TOKENS = 1024  # model.loss.chunk_tokens=auto (chunks of 256-4,096 tokens ran alike on a CPU)
+
+
 class LossConfig(Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     z_loss_weight: float = Field(0.0, ge=0.0)  # PaLM's z-loss: weight * logsumexp(logits)^2
-    # 0: the logits are materialised. N: the head and the loss run N tokens at a time, each chunk's logits
-    # turned into gradients at once, and the full logits never exist (raytrainer.model.fused_loss): the memory
-    # of large vocabularies and long rows, and less memory traffic (faster on a CPU even at vocab 8k)
-    chunk_tokens: int = Field(0, ge=0)
+    # N: the head and the loss run N tokens at a time, each chunk's logits turned into gradients at once, and
+    # the full logits never exist (raytrainer.model.fused_loss): the memory of large vocabularies and long
+    # rows, and less memory traffic (faster on a CPU even at vocab 8k). 0: the logits are materialised.
+    # "auto": AUTO_LOSS_CHUNK_TOKENS, and the materialised logits where the loss is computed elsewhere
+    # (tensor parallel splits it by vocabulary, a pipeline computes it at its last stage) or where lm_head's
+    # weight is not at hand outside lm_head (ZeRO-3)
+    chunk_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+
+    def tokens_per_chunk(self) -> int:
+        """The chunk size the model uses when nothing else computes its loss (0: the logits materialised)."""
+        return AUTO_LOSS_CHUNK_TOKENS if self.chunk_tokens == "auto" else self.chunk_tokens
+
+    def chunked_explicitly(self) -> bool:
+        """Set to a chunk size by the user: refused, not quietly turned off, where it cannot work."""
+        return self.chunk_tokens not in (0, "auto")
 
 
 class LoraConfig(Section):
@@ -576,10 +590,11 @@ class Config(Section):
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:
         t = self.train
-        if self.model.loss.chunk_tokens and self.parallel.strategy == "deepspeed" and self.parallel.zero_stage == 3:
+        if (self.model.loss.chunked_explicitly() and self.parallel.strategy == "deepspeed"
+                and self.parallel.zero_stage == 3):
             raise ValueError("model.loss.chunk_tokens with ZeRO-3: the chunked loss reads lm_head's weight outside "
                              "lm_head's forward, where ZeRO-3 has not gathered it; use zero_stage 1 or 2, fsdp, or "
-                             "model.loss.chunk_tokens=0")
+                             "model.loss.chunk_tokens=auto (which falls back to the materialised logits there)")
         for seq_len in self.phase_seq_lens():
             if seq_len > self.model.max_seq_len and self.model.rope_scaling is None:
                 raise ValueError(
@@ -644,7 +659,7 @@ class Config(Section):
                                  f"holds an equal share; valid tp: {[d for d in _divisors(value) if d > 1][:8]}")
         unsupported = {
             "model.mtp_heads": m.mtp_heads > 0,
-            "model.loss.chunk_tokens": bool(m.loss.chunk_tokens),
+            "model.loss.chunk_tokens": m.loss.chunked_explicitly(),
             "model.lora": m.lora is not None,
             "precision.dtype=fp8": self.precision.dtype == "fp8",
             "model.moe": m.moe is not None,
@@ -672,7 +687,7 @@ class Config(Section):
         unsupported = {
             "model.tie_embeddings": m.tie_embeddings,  # the embedding is on the first stage, lm_head on the last
             "model.mtp_heads": m.mtp_heads > 0,
-            "model.loss.chunk_tokens": bool(m.loss.chunk_tokens),
+            "model.loss.chunk_tokens": m.loss.chunked_explicitly(),
             "model.moe": m.moe is not None,
             "model.lora": m.lora is not None,
             "parallel.ep": p.ep > 1,

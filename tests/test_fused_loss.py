@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from raytrainer.config import ConfigError, ModelConfig, load_config
+from raytrainer.config import AUTO_LOSS_CHUNK_TOKENS, ConfigError, ModelConfig, config_from_dict, load_config, to_dict
 from raytrainer.model import Transformer
 from raytrainer.model.fused_loss import chunked_loss_sums
 from raytrainer.model.loss import IGNORE_INDEX, token_ce, token_loss_sums
@@ -89,7 +89,7 @@ def test_the_model_trains_the_same_with_and_without_the_logits(extra):
     torch.manual_seed(0)
     base = {"vocab_size": 96, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 32, **extra}
     loss = base.pop("loss", {})
-    plain = Transformer(ModelConfig(**base, loss=loss))
+    plain = Transformer(ModelConfig(**base, loss={**loss, "chunk_tokens": 0}))
     chunked = Transformer(ModelConfig(**base, loss={**loss, "chunk_tokens": 24}))
     chunked.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 96, (3, 32))
@@ -114,3 +114,20 @@ def test_the_model_trains_the_same_with_and_without_the_logits(extra):
 def test_zero3_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="model.loss.chunk_tokens with ZeRO-3"):
         load_config("tiny", ["model.loss.chunk_tokens=1024", "parallel.strategy=deepspeed", "parallel.zero_stage=3"])
+
+
+def test_auto_chunks_the_loss_by_default_and_gives_way_where_the_loss_is_computed_elsewhere():
+    cfg = load_config("tiny")
+    assert cfg.model.loss.chunk_tokens == "auto"
+    assert Transformer(cfg.model).loss_chunk_tokens == AUTO_LOSS_CHUNK_TOKENS
+    assert Transformer(load_config("tiny", ["model.loss.chunk_tokens=0"]).model).loss_chunk_tokens == 0
+    assert Transformer(load_config("tiny", ["model.loss.chunk_tokens=96"]).model).loss_chunk_tokens == 96
+    # where a chunk size the user set is refused, "auto" is accepted: the strategy turns it off there
+    tp = load_config("tiny", ["parallel.strategy=fsdp", "parallel.tp=2", "parallel.min_workers=2",
+                              "parallel.max_workers=2"])
+    zero3 = load_config("tiny", ["parallel.strategy=deepspeed", "parallel.zero_stage=3"])
+    # and stays "auto" in the config a checkpoint keeps, so that it loads on any mesh
+    for cfg in (tp, zero3):
+        assert config_from_dict(to_dict(cfg), ["parallel.tp=1"]).model.loss.chunk_tokens == "auto"
+    with pytest.raises(ConfigError, match="chunk_tokens"):
+        load_config("tiny", ["model.loss.chunk_tokens=many"])

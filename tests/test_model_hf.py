@@ -43,7 +43,7 @@ def test_logits_match_transformers_llama(scaling, tie):
         torch.testing.assert_close(ours(x).logits, hf(x).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape,chunk_tokens", [("mha", 0), ("gqa", 0), ("gqa", 64)])
+@pytest.mark.parametrize("shape,chunk_tokens", [("mha", 0), ("mha", "auto"), ("gqa", 0), ("gqa", 64)])
 def test_the_peer_bench_shapes_give_hfs_loss_and_gradients_from_the_exported_weights(shape, chunk_tokens):
     """bench/peer_model.py compares tokens/s of two models that must be the same model: same weights through
     the export mapping, the same loss and gradients on the same tokens (on a shorter row than the bench's), ours

@@ -35,7 +35,7 @@ from raytrainer.model.rope import RotaryEmbedding, apply_rope
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor | None  # None in training with model.loss.chunk_tokens: they are never materialised
+    logits: torch.Tensor | None  # None in training with the chunked loss: they are never materialised
     loss: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -139,6 +139,9 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.mtp_heads))
         # The main head's loss sums from its logits; replaced where the logits are split (tensor parallel)
         self.token_loss_sums = token_loss_sums
+        # The head and the loss a chunk of tokens at a time (0: the logits materialised); set to 0 by whatever
+        # computes the loss elsewhere or keeps lm_head's weight out of reach (tensor parallel, ZeRO-3)
+        self.loss_chunk_tokens = cfg.loss.tokens_per_chunk()
         self.init_weights()
 
     @torch.no_grad()
@@ -216,7 +219,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask) if cache is None else layer(x, cos, sin, mask, cache.layers[i])
         if cache is not None:
             cache.end(T)
-        if labels is not None and self.cfg.loss.chunk_tokens:
+        if labels is not None and self.loss_chunk_tokens:
             return self.with_routing_terms(self.chunked_loss(x, labels, doc_ids, loss_normalizer), loss_normalizer)
         logits = self.output_logits(self.norm(x))
         if labels is None:
@@ -260,7 +263,7 @@ class Transformer(nn.Module):
         loss_cfg = self.cfg.loss
 
         def sums(h: torch.Tensor, target: torch.Tensor, z_weight: float):
-            return chunked_loss_sums(h, self.lm_head.weight, target, chunk_tokens=loss_cfg.chunk_tokens,
+            return chunked_loss_sums(h, self.lm_head.weight, target, chunk_tokens=self.loss_chunk_tokens,
                                      scale=1.0 / self.width_mult, softcap=self.cfg.logit_softcap,
                                      label_smoothing=loss_cfg.label_smoothing, z_loss_weight=z_weight)
 

@@ -105,6 +105,8 @@ class DeepSpeedStrategy(Strategy):
                                "group (strategies.build_strategy creates one for a single process)")
         _prepare_environment(rank, world_size, self.device)
         module = module.to(self.device)
+        if cfg.parallel.zero_stage == 3:  # lm_head's weight is gathered only inside lm_head: materialised logits
+            module.loss_chunk_tokens = 0
         optimizer = build_optimizer(module, cfg)
         config = deepspeed_config(cfg, self.device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(

@@ -94,6 +94,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     model.token_loss_sums = functools.partial(vocab_parallel_loss_sums, group=tp_mesh.get_group(),
                                               vocab_start=tp_mesh.get_local_rank() * vocab_slice,
                                               vocab_size=model.cfg.vocab_size)
+    model.loss_chunk_tokens = 0  # the vocabulary-parallel loss over each rank's slice of the logits instead
     for block in model.layers:
         plan = {
             "input_layernorm": SequenceParallel(),
