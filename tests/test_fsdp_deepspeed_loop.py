@@ -135,3 +135,21 @@ def test_guardian_skips_then_rolls_back_every_rank_in_place(extra, upload_delay_
     cfg = micro_config(dataset, str(storage), name="guarded")
     logged = [(e.get("step"), e.get("event")) for e in read_events(RunStore.for_run(cfg))]
     assert (5, "skip") in logged and (9, "rollback") in logged
+
+
+@pytest.mark.slow
+def test_a_rollback_at_the_first_anomaly_reaches_the_checkpoint_a_slow_rank_is_still_uploading(dataset, tmp_path):
+    """No skip comes first (guardian.skips_before_rollback=0): the step-4 checkpoint, saved just before the
+    anomaly, is still being uploaded by rank 1 when step 5 is judged; the rerun waits for it, so the rollback
+    goes there instead of aborting for want of a committed checkpoint."""
+    extra = ("parallel.strategy=fsdp", "guardian.skips_before_rollback=0",
+             # at step 5 the guardian's statistics are not armed yet (a doubled loss is caught once they are:
+             # test_detectors, the chaos soak): only a blow-up is an anomaly this early
+             "faults=[{step: 5, kind: grad_explode, rank: 1}]")
+    spawn(run_guarded, 2, tmp_path, dataset, str(tmp_path / "run"), extra, "first", 4.0)
+    histories = [load_result(tmp_path, "first", rank) for rank in range(2)]
+    decisions = [[(h["step"], h["action"]) for h in hist if h.get("action") != "continue"] for hist in histories]
+    assert decisions[0] == decisions[1] == [(5, "rollback")]
+    rollback = next(h for h in histories[0] if h.get("action") == "rollback")
+    assert rollback["to"] == 4
+    assert [h["step"] for h in histories[0] if h.get("applied")][-1] == 11

@@ -318,6 +318,11 @@ class Trainer:
         Returns the rerun's stats (its gradients are held now)."""
         if self.injector is not None:
             self.injector.before_rerun(step)
+        # The judgement may be a rollback (guardian.skips_before_rollback=0, a divergence): every rank's uploads
+        # are committed and the guardian told first, so the checkpoint saved just before this step is a target
+        # even while a slow rank is still uploading its part
+        self.checkpoints.settle()
+        self.keep_books()
         again = self.engine.recompute(micro_batches, step, data_wait_s=data_wait, token_losses=blame)
         documents = self.documents(again, micro_batches) if blame else None
         decision = self.decide(step, stats, rerun=again, documents=documents)
