@@ -13,6 +13,7 @@ import torch
 from raytrainer.fault.guardian import Guardian
 from raytrainer.metrics import MetricsRecorder, read_history
 from raytrainer.metrics.history import build_history
+from raytrainer.metrics.setup import new_attempt_id
 from raytrainer.metrics.sinks import JsonlSink, TensorBoardSink
 from raytrainer.storage import open_storage
 from raytrainer.train.loop import WorkerEnv
@@ -116,6 +117,13 @@ def test_a_run_whose_metrics_storage_is_unwritable_still_trains(dataset, tmp_pat
     cannot = [r for r in caplog.records if "cannot write" in r.getMessage()]
     assert len(cannot) == 2  # once per sink, not once per flush
     assert any("could not be written" in r.getMessage() for r in caplog.records)
+
+
+def test_attempts_started_within_one_second_sort_in_the_order_they_started():
+    # a restart in the same process can begin within the second its predecessor did; the history replays the
+    # attempts' files in name order, and the older attempt's records would otherwise win
+    ids = [new_attempt_id() for _ in range(64)]
+    assert len(set(ids)) == len(ids) and sorted(ids) == ids
 
 
 def test_history_marks_what_rollbacks_and_restarts_abandon():

@@ -16,8 +16,10 @@ log = logging.getLogger("raytrainer.metrics")
 
 
 def new_attempt_id() -> str:
-    """Sorts by start time; the suffix keeps two attempts started in the same second apart."""
-    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(2)}"
+    """Sorts by start time, to the microsecond: a restart can begin within the second its attempt's
+    predecessor did, and a run's history replays attempts in the order their names sort. The suffix keeps
+    attempts of two hosts apart."""
+    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(2)}"
 
 
 def run_storage(cfg: Config) -> Storage:
