@@ -104,9 +104,11 @@ def test_two_rank_run_resumes_on_one_rank_along_the_same_curve(extra, dataset, t
     (("parallel.strategy=deepspeed", "parallel.zero_stage=2"), 0.0),
     # the loss is computed on the last stage: both explosions there
     ((*PIPELINE, "faults=[{step: 5, kind: grad_explode, rank: 1}, {step: 9, kind: grad_explode, rank: 1}]"), 0.0),
-    # rank 1 commits its part of checkpoint 4 long after step 9: the skip at 5 waits for it, so it is the target
+    # rank 1 commits its part of checkpoint 4 long after step 9: step 5's rerun waits for it, so it is the target
     (("parallel.strategy=fsdp",), 4.0),
-], ids=["fsdp", "zero2", "pp2", "fsdp-slow-rank-upload"])
+    # no rerun: the skip at 5 waits for it instead
+    (("parallel.strategy=fsdp", "guardian.rerun=false"), 4.0),
+], ids=["fsdp", "zero2", "pp2", "fsdp-slow-rank-upload", "fsdp-slow-rank-upload-no-rerun"])
 def test_guardian_skips_then_rolls_back_every_rank_in_place(extra, upload_delay_s, dataset, tmp_path):
     from raytrainer.fault.events import RunStore, read_events
 

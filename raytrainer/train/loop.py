@@ -209,7 +209,8 @@ class Trainer:
             stats = self.engine.forward_backward(micro_batches, step, data_wait_s=data_wait, stopping=stopping)
             told = [r for r, flag in enumerate(stats.metrics.get("rank_stopping", [])) if flag]
             decision = self.decide(step, stats)
-            if decision.action == "rerun":
+            reran = decision.action == "rerun"
+            if reran:
                 stats, decision = self.rerun(step, micro_batches, stats, data_wait, blame=decision.blame)
 
         if decision.action == "abort":
@@ -227,10 +228,11 @@ class Trainer:
         if saved:
             self.save(step)
             self._last_step_end = None  # a save's stall is measured by the checkpoint bench, not as a slow step
-        if decision.action == "skip":
+        if decision.action == "skip" and not reran:
             # A rollback may follow within the guardian's window, to the newest checkpoint before this anomaly:
             # every rank's uploads are committed first, so that checkpoint is known by then (a slow rank's
-            # upload would otherwise leave the guardian no target)
+            # upload would otherwise leave the guardian no target). A rerun step settled them before its
+            # judgement; waiting again would only wait for the checkpoint just saved, which is no target.
             self.checkpoints.settle()
         self.keep_books(decision.pin)
         if decision.exclude_nodes:
