@@ -3,8 +3,8 @@
 With no arguments it runs the default job: the tiny model on the sample corpus, on a local Ray.
 Submit to a cluster with `ray job submit --working-dir . -- python jobs/pretrain.py --config ...`.
 
-Exit status: 0 done; 2 a configuration problem (including a resubmitted run its guardian aborted, until
-run.resume_after_abort is set); 3 the guardian aborted the run, and its incident report is the last thing
+Exit status: 0 done; 2 a configuration problem, in one line (a key, a dataset or a store it names that cannot
+be used, a resubmitted run its guardian aborted until run.resume_after_abort is set); 3 the guardian aborted the run, and its incident report is the last thing
 printed.
 """
 

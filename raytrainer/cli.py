@@ -30,12 +30,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from raytrainer.report import format_report, run_report
+    from raytrainer.report import format_report, require_run, run_report
     from raytrainer.report.document import ReportError, compare_document, write_run_report
     from raytrainer.storage import open_storage
 
     s3 = _s3_from_args(args)
     if args.compare:
+        for url in args.compare:
+            require_run(url, s3)
         runs = {url.rstrip("/").rsplit("/", 1)[-1]: open_storage(url, s3) for url in args.compare}
         out = args.out or "reports/" + "-vs-".join(runs)
         try:
@@ -184,10 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         from raytrainer import prepare_cli
 
         return prepare_cli.main(argv[1:], prog="raytrainer prepare")
+    from raytrainer.data.manifest import DataError
+    from raytrainer.storage import StorageError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:  # ExportRefused among them
+    except (ConfigError, DataError, StorageError) as e:  # ExportRefused and RunNotFound among them
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -37,15 +37,10 @@ def run_config(run_url: str, step: int | None = None, preset: str | None = None,
                s3: S3Config | None = None) -> tuple[Config, int]:
     """(config, step) for a run's checkpoint (the newest complete one unless `step`): the config the checkpoint
     was trained with, or `preset` when given, with `overrides` on top."""
-    from raytrainer.checkpoint import CheckpointStore
     from raytrainer.checkpoint.manager import STATE_FILE
-    from raytrainer.report import split_run_url
+    from raytrainer.report import pick_checkpoint
 
-    storage, name = split_run_url(run_url)
-    store = CheckpointStore(storage, name, s3)
-    step = store.latest_complete() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {run_url}")
+    store, step = pick_checkpoint(run_url, step, s3)
     if preset is not None:
         return load_config(preset, list(overrides)), step
     stored = store.read_json(step, STATE_FILE).get("config")
@@ -58,17 +53,12 @@ def run_config(run_url: str, step: int | None = None, preset: str | None = None,
 def load_model(cfg: Config, run_url: str, step: int | None = None, use_ema: bool = False,
                s3: S3Config | None = None):
     """A single-process Transformer with the weights of a checkpoint (any strategy, any world size)."""
-    from raytrainer.checkpoint import CheckpointStore
     from raytrainer.checkpoint.manager import MODEL_DIR
     from raytrainer.model import Transformer
-    from raytrainer.report import split_run_url
+    from raytrainer.report import pick_checkpoint
     from raytrainer.train.strategies import load_full_state_dict
 
-    storage, name = split_run_url(run_url)
-    store = CheckpointStore(storage, name, s3 if s3 is not None else cfg.checkpoint.s3)
-    step = store.latest_complete() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {run_url}")
+    store, step = pick_checkpoint(run_url, step, s3 if s3 is not None else cfg.checkpoint.s3)
     model = Transformer(cfg.model)
     if cfg.model.lora is not None:  # the checkpoint holds the adapters beside the frozen weights
         from raytrainer.model.lora import apply_lora

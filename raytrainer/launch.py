@@ -2,8 +2,9 @@
 
 Order matters: config (already validated) -> storage preflight -> the run's directory (run.resume) and a
 refusal to resume a run its guardian aborted (run.resume_after_abort) -> Ray -> dataset validation ->
-capacity check -> guardian actor -> TorchTrainer.fit(). Any failure before fit() names what is wrong; a
-guardian abort ends fit() without a restart and run() raises GuardianAbort with the incident report.
+capacity check -> the run's config on record -> guardian actor -> TorchTrainer.fit(). Any failure before fit()
+names what is wrong in one line (exit status 2); a guardian abort ends fit() without a restart and run() raises
+GuardianAbort with the incident report.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import SecretStr
@@ -236,6 +239,19 @@ def check_dataset(cfg: Config, run_dir: Any) -> None:
         raise ConfigError(str(e)) from None
 
 
+@contextmanager
+def refused_before_training() -> Iterator[None]:
+    """Before any worker starts, a dataset or store that cannot be used is a problem with the config that names
+    it: one line and exit status 2 (run_job), not a traceback."""
+    from raytrainer.data.manifest import DataError
+    from raytrainer.storage import StorageError
+
+    try:
+        yield
+    except (DataError, StorageError) as e:
+        raise ConfigError(str(e)) from e
+
+
 def run(cfg: Config) -> dict:
     """Run (or resume) the job described by cfg on the current or a local Ray cluster."""
     from raytrainer.data.validate import validate_data_config
@@ -248,22 +264,24 @@ def run(cfg: Config) -> dict:
     from raytrainer.train.ray_failure import guardian_abort_in
 
     cfg = absolute_local_paths(cfg)
-    check_metrics_config(cfg)
-    preflight(cfg.checkpoint.storage, cfg.checkpoint.s3)  # seconds, and before any cluster work
-    if not cfg.run.resume:
-        cfg = fresh_run(cfg)
-    aborted = check_not_aborted(cfg)
-    check_branch(cfg)
-    run_dir = open_storage(cfg.checkpoint.storage, cfg.checkpoint.s3).child(cfg.run.name)
+    with refused_before_training():
+        check_metrics_config(cfg)
+        preflight(cfg.checkpoint.storage, cfg.checkpoint.s3)  # seconds, and before any cluster work
+        if not cfg.run.resume:
+            cfg = fresh_run(cfg)
+        aborted = check_not_aborted(cfg)
+        check_branch(cfg)
+        run_dir = open_storage(cfg.checkpoint.storage, cfg.checkpoint.s3).child(cfg.run.name)
+        init_ray(cfg)
+        ensure_sample_data(cfg)
+        report = validate_data_config(cfg.data, model_vocab_size=cfg.model.vocab_size)
+        if report.skipped:
+            log.warning("data: skipping %d bad shards (data.on_bad_shard=skip): %s", len(report.skipped),
+                        "; ".join(f"{s.path}: {s.reason}" for s in report.skipped[:5]))
+        check_dataset(cfg, run_dir)
+        check_capacity(cfg, autoscaling=bool(cfg.run.address or os.environ.get("RAY_ADDRESS")))
+    # Only a run that passed every check records its config: a refused resubmission leaves the run's own.
     write_config(run_dir, to_dict(cfg))
-    init_ray(cfg)
-    ensure_sample_data(cfg)
-    report = validate_data_config(cfg.data, model_vocab_size=cfg.model.vocab_size)
-    if report.skipped:
-        log.warning("data: skipping %d bad shards (data.on_bad_shard=skip): %s", len(report.skipped),
-                    "; ".join(f"{s.path}: {s.reason}" for s in report.skipped[:5]))
-    check_dataset(cfg, run_dir)
-    check_capacity(cfg, autoscaling=bool(cfg.run.address or os.environ.get("RAY_ADDRESS")))
     if cfg.guardian.enabled:
         guardian = start_guardian(cfg)
         if aborted and guardian.resume_after_abort(

@@ -6,6 +6,7 @@ sampling."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +146,21 @@ def test_generate_continues_each_prompt_without_a_config(plain, capsys):
         assert capsys.readouterr().out.startswith("def ")
     assert cli(["generate", "--run", plain, "--top-p", "2"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_a_run_or_step_that_is_not_there_is_one_line_naming_what_is(plain, tmp_path, capsys):
+    runs = plain.rsplit("/", 1)[0]
+    typo = f"{runs}/plian"
+    assert cli(["export", "--run", typo, "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {typo}: no run there") and "runs in" in err and "plain" in err, err
+    for command in (["generate", "--run", typo], ["report", "--run", typo], ["inspect", "--run", typo],
+                    ["report", "--compare", plain, typo]):
+        assert cli(command) == 2, command
+        assert "no run there" in capsys.readouterr().err
+    assert cli(["generate", "--run", plain, "--step", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "step 7 is not a complete checkpoint (complete steps: 10)" in err and "raytrainer inspect" in err, err
+    assert cli(["report", "--run", "plain"]) == 2
+    assert "expected <checkpoint.storage>/<run.name>" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists() and not Path(typo).exists()  # nothing made for the typo

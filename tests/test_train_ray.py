@@ -122,10 +122,26 @@ def test_unreachable_storage_fails_before_training(dataset):
                        extra=["checkpoint.s3.endpoint_url=http://127.0.0.1:9", "checkpoint.s3.access_key_id=a",
                               "checkpoint.s3.secret_access_key=b"])
     t0 = time.monotonic()
-    with pytest.raises(StorageError, match="s3://nowhere/runs"):
+    with pytest.raises(ConfigError, match="s3://nowhere/runs") as refused:  # a job's exit status 2
         run(cfg)
+    assert isinstance(refused.value.__cause__, StorageError)
     assert time.monotonic() - t0 < 30
     assert not ray.is_initialized()  # nothing was started
+
+
+def test_a_dataset_that_is_not_there_is_one_line_and_the_run_keeps_its_config(dataset, tmp_path, local_ray, capsys):
+    from raytrainer.launch import run_job
+    from raytrainer.report.document import CONFIG_FILE
+
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / "metrics").mkdir(parents=True)  # a run that has trained before
+    (run_dir / CONFIG_FILE).write_text(json.dumps({"data": {"path": str(dataset)}}))
+    typo = micro_config(dataset, str(tmp_path / "runs"), name="r", steps=5, extra=[f"data.path={dataset}x"])
+    assert run_job(typo) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"error: {dataset}x/manifest.json: not found"), err
+    assert "Traceback" not in err
+    assert json.loads((run_dir / CONFIG_FILE).read_text()) == {"data": {"path": str(dataset)}}
 
 
 def _pretrain_cmd(dataset, storage, name, address, extra=()) -> list[str]:

@@ -5,18 +5,64 @@ from __future__ import annotations
 from typing import Any
 
 from raytrainer.checkpoint import CheckpointStore
-from raytrainer.config import S3Config
+from raytrainer.config import ConfigError, S3Config
 from raytrainer.fault.events import RunStore, read_events
-from raytrainer.storage import open_filesystem
+from raytrainer.storage import StorageError, explain_storage_error, open_filesystem, open_storage
+
+RUNS_NAMED = 10  # sibling runs named when --run finds nothing
+
+
+class RunNotFound(ConfigError):
+    """--run names a place that holds no run, or no checkpoint that can be read."""
 
 
 def split_run_url(run_url: str) -> tuple[str, str]:
     """`<checkpoint.storage>/<run.name>` -> (storage, run name)."""
     run_url = run_url.rstrip("/")
     if "/" not in run_url:
-        raise ValueError(f"--run {run_url!r}: expected <checkpoint.storage>/<run.name>, e.g. runs/tiny")
+        raise RunNotFound(f"--run {run_url!r}: expected <checkpoint.storage>/<run.name>, e.g. runs/tiny")
     storage, name = run_url.rsplit("/", 1)
     return storage, name
+
+
+def require_run(run_url: str, s3: S3Config | None = None) -> None:
+    """Raise RunNotFound, naming the runs beside it, when nothing is stored under run_url (a typo in --run is
+    otherwise read as an empty run), and StorageError when the store cannot be listed."""
+    storage, name = split_run_url(run_url)
+    parent = open_storage(storage, s3)
+    try:
+        if parent.listdir(name):
+            return
+        runs = [n for n in parent.listdir() if not n.startswith(".") and n != name]
+    except OSError as e:
+        _, reason = explain_storage_error(e)
+        raise StorageError(f"{run_url}: cannot list it: {reason}; for s3:// give the endpoint (--endpoint-url, or "
+                           "--set checkpoint.s3.endpoint_url=... for export and generate) and credentials "
+                           "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)", url=run_url) from e
+    beside = (f"runs in {parent.uri()}: {', '.join(runs[:RUNS_NAMED])}{' ...' if len(runs) > RUNS_NAMED else ''}"
+              if runs else f"no other run in {parent.uri()}")
+    raise RunNotFound(f"{run_url}: no run there (nothing under {parent.uri(name)}); {beside}. A run's directory "
+                      "is <checkpoint.storage>/<run.name>, e.g. runs/tiny")
+
+
+def pick_checkpoint(run_url: str, step: int | None = None, s3: S3Config | None = None
+                    ) -> tuple[CheckpointStore, int]:
+    """(store, step) of the checkpoint to read: `step`, or the newest complete one; RunNotFound, saying what is
+    there instead, when that is no complete checkpoint."""
+    require_run(run_url, s3)
+    store = CheckpointStore(*split_run_url(run_url), s3)
+    chosen = store.latest_complete() if step is None else step if store.is_complete(step) else None
+    if chosen is not None:
+        return store, chosen
+    listing = store.list()
+    complete = [c.step for c in listing if c.complete]
+    unusable = [c for c in listing if not c.complete]
+    what = f"step {step} is not a complete checkpoint" if step is not None else "no complete checkpoint"
+    found = f"complete steps: {', '.join(map(str, complete[-5:]))}" if complete else "no complete step"
+    if unusable:
+        found += (f"; {len(unusable)} unusable (step {unusable[-1].step}: "
+                  f"{'; '.join(unusable[-1].problems[:2]) or 'incomplete'})")
+    raise RunNotFound(f"{run_url}: {what} ({found}); `raytrainer inspect --run {run_url}` lists them")
 
 
 def open_run(run_url: str, s3: S3Config | None = None) -> tuple[CheckpointStore, RunStore]:
@@ -27,6 +73,7 @@ def open_run(run_url: str, s3: S3Config | None = None) -> tuple[CheckpointStore,
 
 
 def run_report(run_url: str, s3: S3Config | None = None) -> dict[str, Any]:
+    require_run(run_url, s3)
     store, guardian_store = open_run(run_url, s3)
     checkpoints = store.list()
     latest = store.latest_complete()
@@ -67,6 +114,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def inspect_checkpoint(run_url: str, step: int | None = None, s3: S3Config | None = None,
                        verify: bool = False) -> dict[str, Any]:
+    require_run(run_url, s3)
     store, _ = open_run(run_url, s3)
     listing = store.list()
     # Every checkpoint a resume would pass over is named here with what is wrong with it (damaged by a
