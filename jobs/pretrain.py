@@ -4,8 +4,11 @@ With no arguments it runs the default job: the tiny model on the sample corpus, 
 Submit to a cluster with `ray job submit --working-dir . -- python jobs/pretrain.py --config ...`.
 
 Exit status: 0 done; 2 a configuration problem, in one line (a key, a dataset or a store it names that cannot
-be used, a resubmitted run its guardian aborted until run.resume_after_abort is set); 3 the guardian aborted the run, and its incident report is the last thing
-printed.
+be used, a resubmitted run its guardian aborted until run.resume_after_abort is set); 3 the guardian aborted
+the run, and its incident report is the last thing printed.
+
+With the default data.path the run trains on the sample corpus, built on first use in data.tokenizer's tokens
+(data/sample for the default job's bytes, data/sample-gpt2 for a GPT-2 preset).
 """
 
 from __future__ import annotations

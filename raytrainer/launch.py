@@ -103,19 +103,24 @@ def absolute_local_paths(cfg: Config) -> Config:
     return cfg.model_copy(update=updates)
 
 
-def ensure_sample_data(cfg: Config) -> None:
-    """The default job trains on the sample corpus; build it on first use (seconds, nothing downloaded)."""
+def ensure_sample_data(cfg: Config) -> Config:
+    """The default data.path names the sample corpus: in the configured tokenizer (data/sample for the default
+    job's bytes, data/sample-gpt2 for a GPT-2 preset), built on first use (seconds, nothing downloaded)."""
     from raytrainer.config import DataConfig
-    from raytrainer.data.fs import is_local
+    from raytrainer.data.sample_corpus import make_sample_dataset, sample_path_for
 
     default_path = os.path.abspath(DataConfig().path)
-    manifest = os.path.join(cfg.data.path, "manifest.json")
-    if cfg.data.path != default_path or not is_local(cfg.data.path) or os.path.exists(manifest):
-        return
-    from raytrainer.data.sample_corpus import make_sample_dataset
-
-    log.info("no dataset at %s: building the sample corpus from the Python standard library", cfg.data.path)
-    make_sample_dataset(cfg.data.path, tokenizer=cfg.data.tokenizer)
+    if cfg.data.path != default_path:
+        return cfg
+    path = sample_path_for(cfg.data.tokenizer, default_path)
+    if path != default_path:
+        log.info("data.path=%s is the sample corpus; in data.tokenizer=%s it is %s", DataConfig().path,
+                 cfg.data.tokenizer, path)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": path})})
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+        log.info("no dataset at %s: building the sample corpus from the Python standard library", path)
+        make_sample_dataset(path, tokenizer=cfg.data.tokenizer)
+    return cfg
 
 
 def first_start_timeout_s(cfg: Config) -> float:
@@ -228,13 +233,16 @@ def check_branch(cfg: Config) -> None:
 
 def check_dataset(cfg: Config, run_dir: Any) -> None:
     """A resumed run trains on the shards it started with: a dataset prepared again under it is refused here,
-    naming the first shard that differs (data.allow_manifest_change=true goes on)."""
+    naming the first shard that differs (data.allow_manifest_change=true goes on). Until the run has a
+    checkpoint, its dataset may still change."""
+    from raytrainer.checkpoint import CheckpointStore
     from raytrainer.data.manifest import DataError, Manifest
     from raytrainer.data.run_record import check_dataset_unchanged
 
+    resumes = CheckpointStore(cfg.checkpoint.storage, cfg.run.name, cfg.checkpoint.s3).latest_complete() is not None
     try:
         check_dataset_unchanged(run_dir, Manifest.load(cfg.data.path, cfg.data.s3), cfg.data.path,
-                                allow=cfg.data.allow_manifest_change)
+                                allow=cfg.data.allow_manifest_change, resumes=resumes)
     except DataError as e:
         raise ConfigError(str(e)) from None
 
@@ -273,7 +281,7 @@ def run(cfg: Config) -> dict:
         check_branch(cfg)
         run_dir = open_storage(cfg.checkpoint.storage, cfg.checkpoint.s3).child(cfg.run.name)
         init_ray(cfg)
-        ensure_sample_data(cfg)
+        cfg = ensure_sample_data(cfg)
         report = validate_data_config(cfg.data, model_vocab_size=cfg.model.vocab_size)
         if report.skipped:
             log.warning("data: skipping %d bad shards (data.on_bad_shard=skip): %s", len(report.skipped),

@@ -1,4 +1,5 @@
-"""The sample corpus from the standard library: small, deterministic, and prepared into a valid dataset."""
+"""The sample corpus from the standard library: small, deterministic, prepared into a valid dataset, and kept
+apart per tokenizer."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 from data_corpus import load_job
 from raytrainer.data.manifest import Manifest
-from raytrainer.data.sample_corpus import build_sample_corpus, make_sample_dataset, quality_score
+from raytrainer.data.sample_corpus import build_sample_corpus, make_sample_dataset, quality_score, sample_path_for
 from raytrainer.data.tokenizers import load_tokenizer
 from raytrainer.data.validate import validate_dataset
 
@@ -59,3 +60,31 @@ def test_make_sample_data_cli(tmp_path, capsys):
     assert main(["--out", str(out), "--max-bytes", "100K", "--shard-tokens", "32K", "--local"]) == 0
     assert "code:" in capsys.readouterr().out and (out / "manifest.json").exists()
     assert (out / "raw").is_dir()
+
+
+def test_each_tokenizer_has_its_own_sample_corpus_and_the_default_jobs_is_never_tripped_on(tmp_path, monkeypatch):
+    """A GPT-2 preset run first on a fresh checkout used to prepare data/sample in GPT-2 tokens, after which
+    the default job (bytes) was refused for a tokenizer mismatch."""
+    from raytrainer.launch import ensure_sample_data
+    from runs import micro_config
+
+    default = str(tmp_path / "data" / "sample")
+    assert sample_path_for("byte", default) == default  # nothing there yet: the default job's bytes go there
+    assert sample_path_for("gpt2", default) == f"{default}-gpt2"
+    make_sample_dataset(f"{default}-gpt2", "gpt2", max_bytes=50_000, use_ray=False)
+    make_sample_dataset(default, "gpt2", max_bytes=50_000, use_ray=False)  # as an older version left it
+    assert sample_path_for("gpt2", default) == default  # it holds GPT-2 tokens: used as it is
+    assert sample_path_for("byte", default) == f"{default}-byte"  # ... and the bytes go beside it
+    tokenizer_json = tmp_path / "my tokenizer.json"
+    tokenizer_json.write_text(json.dumps({"not": "read"}))
+    monkeypatch.setattr("raytrainer.data.tokenizers.load_tokenizer", lambda spec: load_tokenizer("gpt2"))
+    assert sample_path_for(str(tokenizer_json), str(tmp_path / "none")).startswith(f"{tmp_path}/none-tok-")
+
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)  # data.path's default, data/sample, is relative to the job's directory
+    gpt2 = micro_config(tmp_path, "runs", extra=["data.tokenizer=gpt2", f"data.path={default}"])
+    assert ensure_sample_data(gpt2).data.path == default
+    (tmp_path / "data" / "sample" / "manifest.json").unlink()
+    assert ensure_sample_data(gpt2).data.path == f"{default}-gpt2"  # built above; not built again
+    elsewhere = micro_config(tmp_path, "runs", extra=["data.tokenizer=gpt2", f"data.path={tmp_path}/mine"])
+    assert ensure_sample_data(elsewhere).data.path == f"{tmp_path}/mine"  # a dataset of the user's own

@@ -1,8 +1,9 @@
 """The shards a run trains on, recorded in the run's directory at its first start and compared at every later
-one: a cursor's positions mean documents of those shards only, so a dataset prepared again under a running
-job is refused, naming the first shard that differs, instead of training on other documents unnoticed.
+one that resumes a checkpoint: a cursor's positions mean documents of those shards only, so a dataset prepared
+again under a running job is refused, naming the first shard that differs, instead of training on other
+documents unnoticed.
 
-    check_dataset_unchanged(run_dir, manifest, cfg.data.path, allow=cfg.data.allow_manifest_change)
+    check_dataset_unchanged(run_dir, manifest, cfg.data.path, allow=cfg.data.allow_manifest_change, resumes=...)
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ def differences(recorded: list[list[Any]], now: list[list[Any]]) -> list[str]:
     return out
 
 
-def check_dataset_unchanged(run: Any, manifest: Manifest, dataset: str, allow: bool = False) -> None:
+def check_dataset_unchanged(run: Any, manifest: Manifest, dataset: str, allow: bool = False,
+                            resumes: bool = True) -> None:
     """Record the run's shards at its first start; later, refuse a dataset whose shards differ (unless allowed).
-    `run` is the run directory's Storage."""
+    `run` is the run directory's Storage. A start that `resumes` no checkpoint has no data position to protect:
+    it records its shards afresh, so a start refused or crashed before its first checkpoint binds the run to
+    nothing."""
     now = shard_rows(manifest)
-    if not run.exists(RECORD):
+    if not resumes or not run.exists(RECORD):
         run.write_bytes(RECORD, json.dumps({"dataset": dataset, "shards": now}).encode())
         return
     recorded = json.loads(run.read_bytes(RECORD))

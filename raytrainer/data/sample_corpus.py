@@ -101,6 +101,23 @@ def make_sample_dataset(out: str = "data/sample", tokenizer: str = "byte", *,
                            force=force)
 
 
+def sample_path_for(tokenizer: str, default: str) -> str:
+    """Where the sample corpus in `tokenizer` lives: `default` (data/sample) when that holds it in this
+    tokenizer, or holds nothing yet and this is the default job's byte tokenizer; else `<default>-<name>`
+    (data/sample-gpt2), so a preset on another tokenizer neither trips on nor replaces the default job's copy."""
+    from raytrainer.data.manifest import Manifest
+    from raytrainer.data.tokenizers import load_tokenizer
+
+    identity = load_tokenizer(tokenizer).identity()
+    if os.path.exists(os.path.join(default, "manifest.json")):
+        if Manifest.load(default).tokenizer.get("hash") == identity["hash"]:
+            return default
+    elif tokenizer == "byte":
+        return default
+    name = tokenizer if re.fullmatch(r"[A-Za-z0-9_.-]+", tokenizer) else f"tok-{identity['hash'][:12]}"
+    return f"{default}-{name}"
+
+
 def quality_score(text: str) -> float:
     """Fraction of characters that are letters: high for prose, lower for code, low for tables of numbers."""
     if not text:
