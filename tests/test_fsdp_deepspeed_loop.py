@@ -106,7 +106,7 @@ def test_two_rank_run_resumes_on_one_rank_along_the_same_curve(extra, dataset, t
     ((*PIPELINE, "faults=[{step: 5, kind: grad_explode, rank: 1}, {step: 9, kind: grad_explode, rank: 1}]"), 0.0),
     # rank 1 commits its part of checkpoint 4 long after step 9: step 5's rerun waits for it, so it is the target
     (("parallel.strategy=fsdp",), 4.0),
-    # no rerun: the skip at 5 waits for it instead
+    # no rerun: step 5 is judged once the uploads are settled instead
     (("parallel.strategy=fsdp", "guardian.rerun=false"), 4.0),
 ], ids=["fsdp", "zero2", "pp2", "fsdp-slow-rank-upload", "fsdp-slow-rank-upload-no-rerun"])
 def test_guardian_skips_then_rolls_back_every_rank_in_place(extra, upload_delay_s, dataset, tmp_path):
@@ -140,11 +140,14 @@ def test_guardian_skips_then_rolls_back_every_rank_in_place(extra, upload_delay_
 
 
 @pytest.mark.slow
-def test_a_rollback_at_the_first_anomaly_reaches_the_checkpoint_a_slow_rank_is_still_uploading(dataset, tmp_path):
+@pytest.mark.parametrize("rerun", ["true", "false"])
+def test_a_rollback_at_the_first_anomaly_reaches_the_checkpoint_a_slow_rank_is_still_uploading(rerun, dataset,
+                                                                                                tmp_path):
     """No skip comes first (guardian.skips_before_rollback=0): the step-4 checkpoint, saved just before the
-    anomaly, is still being uploaded by rank 1 when step 5 is judged; the rerun waits for it, so the rollback
-    goes there instead of aborting for want of a committed checkpoint."""
-    extra = ("parallel.strategy=fsdp", "guardian.skips_before_rollback=0",
+    anomaly, is still being uploaded by rank 1 when step 5 is judged; the rerun (or, without reruns, the
+    guardian's settle) waits for it, so the rollback goes there instead of aborting for want of a committed
+    checkpoint."""
+    extra = ("parallel.strategy=fsdp", "guardian.skips_before_rollback=0", f"guardian.rerun={rerun}",
              # at step 5 the guardian's statistics are not armed yet (a doubled loss is caught once they are:
              # test_detectors, the chaos soak): only a blow-up is an anomaly this early
              "faults=[{step: 5, kind: grad_explode, rank: 1}]")

@@ -242,3 +242,52 @@ def test_a_restore_reports_the_stall_and_the_steps_done_again():
     assert resumed == [{**resumed[0], "step": 10, "last_step_before": 12, "stalled_s": 21.0, "steps_redone": 3}]
     g.decide(11, stats(11))
     assert len([e for e in g.events if e["event"] == "resumed"]) == 1  # once per restore
+
+
+@pytest.mark.parametrize("rerun", [False, True])
+def test_an_anomaly_while_a_checkpoint_is_being_committed_is_judged_once_it_is(rerun):
+    """Checkpoint 100 is staged but not yet committed by every rank when step 101 spikes; with
+    skips_before_rollback=0 the rollback must reach it, so the guardian asks the loop to settle the uploads
+    first (with guardian.rerun=true, the rerun does that): nothing is recorded until the step is reported
+    again."""
+    g = make(skips_before_rollback=0, rerun=rerun)
+    drive(g, range(100), checkpoints=(50,))
+    g.on_checkpoint_staged(100)
+    first = g.decide(100, stats(100), cursor={"batch": 100})
+    assert first.action == "continue"  # a healthy step never waits for an upload
+    spike = stats(101, spike=True)
+    asked = g.decide(101, spike, cursor={"batch": 101})
+    assert asked.action == ("rerun" if rerun else "settle") and g.skipped_ranges() == []
+    g.on_checkpoint(100)  # what settling reports
+    again = {"rerun": spike} if rerun else {"settled": True}
+    decision = g.decide(101, spike, cursor={"batch": 101}, **again)
+    assert decision.action == "rollback" and decision.rollback_to == 100, decision.reason
+
+
+def test_no_upload_in_flight_no_settle_and_a_settled_step_is_judged():
+    g = make(skips_before_rollback=0)
+    drive(g, range(100), checkpoints=(50,))
+    assert g.decide(100, stats(100, spike=True), cursor={"batch": 100}).action == "rollback"  # nothing staged
+    g = make(skips_before_rollback=0)
+    drive(g, range(100), checkpoints=(50,))
+    g.on_checkpoint_staged(100)
+    g.decide(100, stats(100), cursor={"batch": 100})
+    # the upload never committed (a failed save): the settled step is judged with what is committed
+    decision = g.decide(101, stats(101, spike=True), cursor={"batch": 101}, settled=True)
+    assert decision.action == "rollback" and decision.rollback_to == 50
+
+
+def test_a_divergence_waits_for_a_checkpoint_being_committed_even_with_reruns_on():
+    """A trend is never rerun, so the settle is the only wait before a divergence's rollback."""
+    g = make(rerun=True, divergence_steps=20, divergence_margin=0.5, spike_zscore=1000.0, spike_ratio=100.0)
+    drive(g, range(200), checkpoints=(100,))
+    g.on_checkpoint_staged(200)  # saved at the last healthy step, a slow rank still uploading
+    decisions = {}
+    for s in range(200, 260):
+        decisions[s] = g.decide(s, {"loss": 4.0, "grad_norm": 1.0})
+        if decisions[s].action != "continue":
+            break
+    assert actions(decisions) == {219: "settle"}
+    g.on_checkpoint(200)
+    decision = g.decide(219, {"loss": 4.0, "grad_norm": 1.0}, settled=True)
+    assert decision.action == "rollback" and decision.rollback_to == 200, decision.reason

@@ -98,6 +98,9 @@ def test_compare_overlays_two_runs(tmp_path):
 
 def test_a_run_without_metrics_says_what_is_missing(tmp_path, capsys):
     (tmp_path / "runs" / "empty").mkdir(parents=True)
+    assert main(["report", "--run", str(tmp_path / "runs" / "empty")]) == 2  # an empty directory is no run
+    assert "no run there" in capsys.readouterr().err
+    (tmp_path / "runs" / "empty" / "config.json").write_text("{}")  # started, but no step recorded yet
     assert main(["report", "--run", str(tmp_path / "runs" / "empty")]) == 1
     err = capsys.readouterr().err
     assert "no metrics in" in err and "runs/empty/metrics" in err and "flush" in err

@@ -5,6 +5,9 @@ The training loop reports every step before the optimizer step is applied and ac
     decision = guardian.decide(step, stats, cursor)      # stats: .loss, .grad_norm (pre-clip), .finite, ...
     rerun    -> recompute the step (same micro-batches, parameters and RNG state), then report both:
                 decision = guardian.decide(step, stats, cursor, rerun=stats2); it is never "rerun" again
+    settle   -> the step looks anomalous while a checkpoint is still being committed: wait for every rank's
+                uploads, report the commits (on_checkpoint), then report the step again:
+                decision = guardian.decide(step, stats, cursor, settled=True); never "settle" again
     continue -> apply the update (with decision.lr_factor)
     skip     -> do not apply it; the batch is recorded and never replayed
     rollback -> every rank reloads checkpoint decision.rollback_to in place, rebuilds the data feed from its
@@ -20,7 +23,10 @@ Policy
 Detection is in `raytrainer.fault.detectors` (non-finite, loss spike, grad-norm spike, divergence, ranks
 whose gradient norms disagree). A step with any finding is an *anomaly*; its update is never applied.
 
-0. **Rerun first** (`rerun`, on by default). A step that looks anomalous (anything but divergence) is
+0. **Settle, rerun first.** A step that looks anomalous while a checkpoint is staged but not yet committed
+   by every rank is judged only once the uploads are done (`settle`; a rerun does the same), so a rollback
+   decided now can go back to a checkpoint a slow rank was still uploading.
+   **Rerun** (`rerun`, on by default). A step that looks anomalous (anything but divergence) is
    recomputed before anything is decided; healthy steps cost nothing. The same loss and grad norm again
    (within `rerun_tolerance`, relative) -> the cause is the data or the model's state: go on with 1-3.
    Different -> a transient fault: the ranks whose summed loss or grad norm moved between the two runs are
@@ -92,7 +98,7 @@ from raytrainer.fault.stragglers import StragglerWatch
 
 STATE_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: before elevated checkpoints and reruns; its missing keys default
-ACTIONS = ("continue", "skip", "rollback", "abort", "rerun")
+ACTIONS = ("continue", "skip", "rollback", "abort", "rerun", "settle")
 _MAX_CHECKPOINTS = 64  # checkpoints remembered as rollback targets
 _MAX_EVENTS_IN_STATE = 500  # the event log in storage keeps everything; the state keeps the recent ones
 
@@ -105,7 +111,7 @@ class GuardianAbort(RuntimeError):
 class Decision:
     """What every rank does with this step. Small and picklable: it is broadcast from rank 0."""
 
-    action: str = "continue"  # continue | skip | rollback | abort
+    action: str = "continue"  # continue | skip | rollback | abort | rerun | settle
     reason: str = ""
     lr_factor: float = 1.0  # multiply the scheduled learning rate (cool-down after a rollback)
     rollback_to: int | None = None  # checkpoint step to reload; training resumes at this step
@@ -144,11 +150,12 @@ class StepReport:
     nodes: list[str] | None = None  # every rank's node
     rerun: StepReport | None = None  # the same step recomputed, when the guardian asked for it
     documents: list[DocumentLoss] | None = None  # the rerun's loss by document, when the guardian asked
+    settled: bool = False  # reported again after a "settle": the checkpoints staged before it are committed
 
     @classmethod
     def from_stats(cls, step: int, stats: Any, cursor: dict | None = None, *, lr: float | None = None,
                    batch: int | None = None, rerun: Any = None, nodes: list[str] | None = None,
-                   documents: list[DocumentLoss] | None = None) -> StepReport:
+                   documents: list[DocumentLoss] | None = None, settled: bool = False) -> StepReport:
         """From the step engine's StepStats (or any object or dict with loss and grad_norm)."""
         get = stats.get if isinstance(stats, dict) else lambda k, d=None: getattr(stats, k, d)
         lr = lr if lr is not None else get("lr")
@@ -169,6 +176,7 @@ class StepReport:
             nodes=None if nodes is None else [str(n) for n in nodes],
             rerun=None if rerun is None else cls.from_stats(step, rerun, cursor, lr=lr, batch=batch, nodes=nodes),
             documents=None if documents is None else list(documents),
+            settled=settled,
         )
 
 
@@ -208,12 +216,13 @@ class Guardian:
 
     def decide(self, step: int, stats: Any, cursor: dict | None = None, *, lr: float | None = None,
                batch: int | None = None, rerun: Any = None, nodes: list[str] | None = None,
-               documents: list[DocumentLoss] | None = None) -> Decision:
+               documents: list[DocumentLoss] | None = None, settled: bool = False) -> Decision:
         """The loop's per-step call: `stats` needs .loss and .grad_norm (pre-clip); .finite, .tokens, .lr
         and .metrics (rank_ce_sum, rank_grad_norm) are used when present. `rerun`: the same step recomputed,
-        after a "rerun" decision; `documents`: its loss by document, when that decision asked for `blame`."""
+        after a "rerun" decision; `documents`: its loss by document, when that decision asked for `blame`;
+        `settled`: reported again after a "settle" decision."""
         return self.observe(StepReport.from_stats(step, stats, cursor, lr=lr, batch=batch, rerun=rerun,
-                                                  nodes=nodes, documents=documents))
+                                                  nodes=nodes, documents=documents, settled=settled))
 
     def observe(self, report: StepReport) -> Decision:
         decision = self._observe(report)
@@ -224,12 +233,16 @@ class Guardian:
         step = report.step
         if self._aborted is not None:
             return Decision("abort", self._aborted)
-        if self.cfg.rerun and report.rerun is None:
+        if report.rerun is None and not report.settled:
+            # Nothing is learnt or recorded yet: the step is reported again with its rerun, or settled.
             suspicious = self._suspicions(report)
-            if suspicious:  # nothing is learnt or recorded yet: the step is reported again with its rerun
+            if suspicious and self.cfg.rerun:
                 return Decision("rerun", f"step {step}: {_describe(suspicious)}; recomputing the step to tell "
                                          "the data from the hardware",
                                 blame=self.cfg.blame_documents and any(f.kind == LOSS_SPIKE for f in suspicious))
+            if self._staged and (suspicious or self._suspicions(report, divergence=True)):
+                return Decision("settle", f"step {step}: looks anomalous while checkpoint(s) {sorted(self._staged)} "
+                                          "are still being committed; judged once they are")
         verdict, suspects, exclude = None, [], []
         timed = report  # the first run's times: a rerun's are not the step's (its data was already there)
         if report.rerun is not None:
@@ -359,10 +372,10 @@ class Guardian:
 
     # ------------------------------------------------------------------ reruns
 
-    def _suspicions(self, report: StepReport) -> list[Finding]:
-        """What would make this step an anomaly, divergence aside (a rerun cannot explain a trend)."""
+    def _suspicions(self, report: StepReport, divergence: bool = False) -> list[Finding]:
+        """What would make this step an anomaly; divergence only when asked (a rerun cannot explain a trend)."""
         findings = [f for f in self.detectors.peek(report.step, report.loss, report.grad_norm, report.finite)
-                    if f.kind != DIVERGENCE]
+                    if divergence or f.kind != DIVERGENCE]
         disagree = check_ranks_agree(report.rank_grad_norm, self.cfg.rerun_tolerance)
         return findings + ([disagree] if disagree is not None else [])
 

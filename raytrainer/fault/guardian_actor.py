@@ -193,10 +193,10 @@ class GuardianClient:
 
     def decide(self, step: int, stats: Any, cursor: dict | None = None, *, lr: float | None = None,
                batch: int | None = None, rerun: Any = None, nodes: list[str] | None = None,
-               documents: list | None = None) -> Decision:
+               documents: list | None = None, settled: bool = False) -> Decision:
         """Report step `step` and get the decision. Call on rank 0 only, then broadcast the decision."""
         return self._call("observe", StepReport.from_stats(step, stats, cursor, lr=lr, batch=batch, rerun=rerun,
-                                                           nodes=nodes, documents=documents))
+                                                           nodes=nodes, documents=documents, settled=settled))
 
     def excluded_nodes(self) -> list[str]:
         return self._call("excluded_nodes")

@@ -46,7 +46,8 @@ class NodesExcluded(RuntimeError):
 class Guardian(Protocol):
     def decide(self, step: int, stats: StepStats, cursor: dict, *, lr: float | None = None,
                batch: int | None = None, rerun: StepStats | None = None,
-               nodes: list[str] | None = None, documents: list[DocumentLoss] | None = None) -> Decision: ...
+               nodes: list[str] | None = None, documents: list[DocumentLoss] | None = None,
+               settled: bool = False) -> Decision: ...
     def on_checkpoint_staged(self, step: int) -> None: ...
     def on_checkpoint(self, step: int) -> None: ...
     def checkpoints_exist(self, steps: list[int]) -> None: ...
@@ -63,7 +64,8 @@ class NoGuardian:
 
     def decide(self, step: int, stats: StepStats, cursor: dict, *, lr: float | None = None,
                batch: int | None = None, rerun: StepStats | None = None,
-               nodes: list[str] | None = None, documents: list[DocumentLoss] | None = None) -> Decision:
+               nodes: list[str] | None = None, documents: list[DocumentLoss] | None = None,
+               settled: bool = False) -> Decision:
         if not stats.finite:
             return Decision("skip", f"non-finite loss/grad at step {step}")
         return Decision()
@@ -209,8 +211,9 @@ class Trainer:
             stats = self.engine.forward_backward(micro_batches, step, data_wait_s=data_wait, stopping=stopping)
             told = [r for r, flag in enumerate(stats.metrics.get("rank_stopping", [])) if flag]
             decision = self.decide(step, stats)
-            reran = decision.action == "rerun"
-            if reran:
+            if decision.action == "settle":
+                decision = self.settle_then_decide(step, stats)
+            if decision.action == "rerun":
                 stats, decision = self.rerun(step, micro_batches, stats, data_wait, blame=decision.blame)
 
         if decision.action == "abort":
@@ -228,12 +231,6 @@ class Trainer:
         if saved:
             self.save(step)
             self._last_step_end = None  # a save's stall is measured by the checkpoint bench, not as a slow step
-        if decision.action == "skip" and not reran:
-            # A rollback may follow within the guardian's window, to the newest checkpoint before this anomaly:
-            # every rank's uploads are committed first, so that checkpoint is known by then (a slow rank's
-            # upload would otherwise leave the guardian no target). A rerun step settled them before its
-            # judgement; waiting again would only wait for the checkpoint just saved, which is no target.
-            self.checkpoints.settle()
         self.keep_books(decision.pin)
         if decision.exclude_nodes:
             self.leave(step, decision.exclude_nodes, saved)
@@ -285,7 +282,7 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
 
     def decide(self, step: int, stats: StepStats, rerun: StepStats | None = None,
-               documents: list[DocumentLoss] | None = None) -> Decision:
+               documents: list[DocumentLoss] | None = None, settled: bool = False) -> Decision:
         if getattr(stats, "overflow", False) and rerun is None:
             # Routine fp16 loss-scale overflow: the scaler already halved the scale; not an anomaly.
             return Decision("skip", f"fp16 gradient overflow at loss scale {stats.metrics.get('loss_scale')}")
@@ -294,7 +291,7 @@ class Trainer:
         if self.env.rank == 0:
             decision = self.guardian.decide(step, stats, self.feed.cursor(), lr=self.engine.current_lr,
                                             batch=self.feed.batch_index, rerun=rerun,
-                                            nodes=self.env.nodes or None, documents=documents)
+                                            nodes=self.env.nodes or None, documents=documents, settled=settled)
         decision = self.env.broadcast(decision)
         if decision.action != "continue" and self.env.rank == 0:  # the driver's view prints it
             log.info("step %d: guardian says %s (%s)", step, decision.action, decision.reason)
@@ -312,6 +309,17 @@ class Trainer:
                         "the run's guardian/events.jsonl", step, rank, f" on node {node}" if node else "",
                         own[rank] if rank < len(own) else float("nan"), self.cfg.guardian.straggler_steps,
                         self.cfg.guardian.straggler_factor)
+
+    def settle_then_decide(self, step: int, stats: StepStats) -> Decision:
+        """The step looks anomalous while a checkpoint is being committed (guardian.rerun=false, or a divergence):
+        every rank's uploads are committed and the guardian told before it judges, so a rollback can reach the
+        checkpoint saved just before the trouble even while a slow rank is still uploading its part."""
+        self.checkpoints.settle()
+        self.keep_books()
+        decision = self.decide(step, stats, settled=True)
+        if decision.action == "settle":  # a guardian that asks twice would loop: judge it as a skip
+            decision = Decision("skip", f"step {step}: the guardian asked to settle twice; update skipped")
+        return decision
 
     def rerun(self, step: int, micro_batches: list[dict], stats: StepStats, data_wait: float, blame: bool = False
               ) -> tuple[StepStats, Decision]:
