@@ -5,7 +5,8 @@ Submit to a cluster with `ray job submit --working-dir . -- python jobs/pretrain
 
 Exit status: 0 done; 2 a configuration problem, in one line (a key, a dataset or a store it names that cannot
 be used, a resubmitted run its guardian aborted until run.resume_after_abort is set); 3 the guardian aborted
-the run, and its incident report is the last thing printed.
+the run, and its incident report is the last thing printed; 130 Ctrl-C paused the run at a checkpoint (or, twice,
+stopped it at once), and the same command goes on from it.
 
 With the default data.path the run trains on the sample corpus, built on first use in data.tokenizer's tokens
 (data/sample for the default job's bytes, data/sample-gpt2 for a GPT-2 preset).

@@ -265,6 +265,7 @@ def run(cfg: Config) -> dict:
     from raytrainer.data.validate import validate_data_config
     from raytrainer.fault.guardian_actor import start_guardian, stop_guardian
     from raytrainer.live.monitor import start_monitor, stop_monitor
+    from raytrainer.live.pause import CTRL_C, pause_on_ctrl_c
     from raytrainer.live.view import Follower, LiveView
     from raytrainer.metrics.setup import check_metrics_config
     from raytrainer.report.document import write_config
@@ -307,14 +308,18 @@ def run(cfg: Config) -> dict:
     layout = ", ".join([p.strategy, *degrees])
     log.info("training %s: %d steps on %d..%d %s workers (%s); metrics in %s", cfg.run.name, cfg.train.steps,
              p.min_workers, p.max_workers, "GPU" if p.use_gpu else "CPU", layout, storage.uri(cfg.run.name, "metrics"))
-    follower = Follower(start_monitor(cfg.run.name), LiveView(cfg.train.steps, cfg.train.log_every)).start()
+    monitor = start_monitor(cfg.run.name)
+    follower = Follower(monitor, LiveView(cfg.train.steps, cfg.train.log_every)).start()
+    ctrl_c = pause_on_ctrl_c(trainer, monitor, follower.view.say)
     try:
         result = trainer.fit()
     except Exception as e:
         abort = guardian_abort_in(e)
-        if abort is None:
+        if abort is not None:
+            raise abort from None  # the incident report, without Ray's wrapping of every rank's traceback
+        if not ctrl_c.stopped_at_once:
             raise
-        raise abort from None  # the incident report, without Ray's wrapping of every rank's traceback
+        result = None
     finally:
         follower.stop()
         stop_monitor(cfg.run.name)
@@ -322,9 +327,12 @@ def run(cfg: Config) -> dict:
             stop_guardian(cfg.run.name)  # flushes the events log and the guardian's state
         if cfg.metrics.report:
             write_report(cfg, run_dir)
+    if ctrl_c.stopped_at_once:
+        return {**summarize(cfg), "stopped": "Ctrl-C twice"}
     if result.error is not None:
         raise result.error
-    return {**summarize(cfg), **registered_with_ray(result)}
+    summary = {**summarize(cfg), **registered_with_ray(result)}
+    return {**summary, "paused": CTRL_C} if ctrl_c.paused and summary["step"] < cfg.train.steps else summary
 
 
 def write_report(cfg: Config, run_dir: Any) -> None:
@@ -368,8 +376,10 @@ GUARDIAN_ABORT_EXIT_CODE = 3
 
 def run_job(cfg: Config) -> int:
     """`run` as a job's main: exit status 0 when done, 2 for a configuration problem (a resubmitted run its
-    guardian aborted among them), 3 when the guardian aborted the run (its incident report printed last)."""
+    guardian aborted among them), 3 when the guardian aborted the run (its incident report printed last), 130
+    when Ctrl-C paused or stopped it (the same command resumes it)."""
     from raytrainer.fault.guardian import GuardianAbort
+    from raytrainer.live.pause import EXIT_CODE as CTRL_C_EXIT_CODE
 
     try:
         result = run(cfg)
@@ -379,6 +389,15 @@ def run_job(cfg: Config) -> int:
     except GuardianAbort as e:
         last_words(str(e))
         return GUARDIAN_ABORT_EXIT_CODE
+    except KeyboardInterrupt:
+        last_words(f"interrupted: run {cfg.run.name} stopped before its workers started training (Ctrl-C)")
+        return CTRL_C_EXIT_CODE
+    if "paused" in result or "stopped" in result:
+        how = (f"paused at step {result['step']} ({result['paused']}); checkpoint {result['checkpoint']} is "
+               "committed" if "paused" in result else
+               f"stopped at once ({result['stopped']}); its newest checkpoint is {result['checkpoint']}")
+        print(f"{result['run']}: {how}. Run the same command again to go on from it.")
+        return CTRL_C_EXIT_CODE
     m = result["metrics"]
     print(f"done: {result['run']} at step {result['step']}, loss {m.get('loss', float('nan')):.4f}; "
           f"checkpoint {result['checkpoint']}")

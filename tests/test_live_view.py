@@ -71,3 +71,55 @@ def test_the_monitor_hands_out_each_record_once_and_survives_a_restart():
     restarted = RunMonitor()
     restarted.push({"i": 100})
     assert restarted.take(seen) == ([{"i": 100}], 1)  # the driver's count is past it: all of it is new
+
+
+def test_a_pause_says_where_the_run_goes_on_and_a_later_resume_is_not_taken_for_a_silent_death():
+    out = io.StringIO()
+    view = LiveView(total_steps=100, log_every=10, out=out, tty=False)
+    view.feed({"kind": "start", "step": 0, "world_size": 2, "steps": 100})
+    view.say("Ctrl-C: every rank checkpoints at the end of its step")
+    view.feed({"kind": "paused", "step": 13, "checkpoint": "runs/tiny/checkpoints/step_00000013",
+               "reason": "Ctrl-C in the driver"})
+    view.feed({"kind": "resume", "step": 13, "world_size": 2, "checkpoint": "runs/tiny/checkpoints/step_00000013"})
+    assert out.getvalue().splitlines()[1:] == [
+        "Ctrl-C: every rank checkpoints at the end of its step",
+        "step 13: paused (Ctrl-C in the driver): checkpoint 13 is committed (runs/tiny/checkpoints/step_00000013); "
+        "run the same command again to go on from it",
+        "resumed at step 13 of 100 on 2 workers from runs/tiny/checkpoints/step_00000013"]
+
+
+def test_ctrl_c_asks_for_a_pause_then_stops_at_once_then_leaves():
+    import pytest
+    from ray.train.torch import TorchTrainer
+
+    from raytrainer.live.pause import CTRL_C, CtrlC, pause_on_ctrl_c
+
+    class Remote:
+        def __init__(self):
+            self.calls = []
+
+        def __getattr__(self, name):
+            return type("Method", (), {"remote": lambda _, *a: self.calls.append((name, *a))})()
+
+    monitor, controller, said = Remote(), Remote(), []
+    ctrl_c = CtrlC(monitor, said.append)
+    ctrl_c.register(controller)
+    ctrl_c.on_sigint(2, None)
+    assert ctrl_c.paused and monitor.calls == [("request_pause", CTRL_C)] and controller.calls == []
+    ctrl_c.on_sigint(2, None)
+    assert ctrl_c.stopped_at_once and controller.calls == [("abort",)] and len(said) == 2
+    with pytest.raises(SystemExit) as left:
+        ctrl_c.on_sigint(2, None)
+    assert left.value.code == 130
+    # Ray Train 2.60's trainer has the hook this takes the place of (a Ray without it keeps its own Ctrl-C).
+    assert callable(TorchTrainer._register_sigint_handler)
+    trainer = TorchTrainer.__new__(TorchTrainer)
+    assert pause_on_ctrl_c(trainer, monitor, said.append).register.__self__ is trainer._register_sigint_handler.__self__
+
+
+def test_the_monitor_holds_the_first_pause_request():
+    monitor = RunMonitor()
+    assert monitor.pause_request() is None
+    monitor.request_pause("Ctrl-C in the driver")
+    monitor.request_pause("something else")
+    assert monitor.pause_request() == "Ctrl-C in the driver"

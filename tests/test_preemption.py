@@ -164,3 +164,39 @@ def test_rays_drain_notice_names_the_node_and_when_it_goes(monkeypatch):
     assert notice.startswith("Ray is draining node(s) node-a, node-b for preemption by ")
     assert time.strftime("%H:%M", time.gmtime(deadline_ms / 1000)) in notice
     assert re.search(r"UTC \(in (8[0-9]|90) s\)$", notice), notice
+
+
+def test_a_pause_request_checkpoints_every_rank_and_ends_the_run_where_the_same_command_resumes(tmp_path, one_thread):
+    """Ctrl-C in the driver (raytrainer.live.pause) reaches rank 0 as a pause request: the step ends, the group
+    checkpoints with the tiny preset's interval of 25 and keep_last 2, and fit() returns instead of raising, so
+    Ray Train ends the run rather than restarting it."""
+    from raytrainer.checkpoint import CheckpointStore
+    from raytrainer.metrics.history import read_history
+    from raytrainer.storage import open_storage
+
+    keep = ["checkpoint.every_steps=25"]
+    trainer, restore = in_process(tmp_path, 30, keep)
+    asked: list[int] = []
+
+    def pause_request():  # the monitor's answer, as rank 0 polls it
+        asked.append(len(trainer.history))
+        return "Ctrl-C in the driver" if len(trainer.history) >= 12 else None
+
+    trainer.env.pause_request = pause_request
+    try:
+        result = trainer.fit()
+    finally:
+        restore()
+    assert result["paused"] == "Ctrl-C in the driver" and result["step"] == 13
+    assert max(h["step"] for h in trainer.history) == 12 and len(set(asked)) == len(asked)  # once per step
+    assert CheckpointStore(str(tmp_path / "runs"), "pre").latest_complete() == 13
+    history = read_history(open_storage(str(tmp_path / "runs" / "pre")))
+    (paused,) = [e for e in history.events if e["kind"] == "paused"]
+    assert (paused["step"], paused["reason"]) == (13, "Ctrl-C in the driver")
+    assert paused["checkpoint"].endswith("step_00000013")
+    assert not [e for e in history.events if e["kind"] in ("finish", "preempted")]
+    resumed, restore = in_process(tmp_path, 30, keep)
+    try:
+        assert resumed.fit()["step"] == 30 and min(h["step"] for h in resumed.history) == 13
+    finally:
+        restore()

@@ -132,3 +132,12 @@ def test_the_report_names_suspect_hardware_excluded_nodes_and_stragglers(tmp_pat
     assert "| 22 | suspect_hardware | rank 1 | node-b |" in section
     assert "| 31 | exclude_node | - | node-b |" in section and "| 40 | straggler | rank 0 | node-a |" in section
     assert "| 60 | straggler_recovered | rank 0 | node-a | - |" in section
+
+
+def test_a_paused_run_says_so_and_that_it_resumes():
+    from raytrainer.report.document import summary_lines
+
+    records = _records(rollback=False)[:-1] + [{"kind": "paused", "step": 60, "reason": "Ctrl-C in the driver",
+                                                "attempt": "a", "time": 1200.0}]
+    lines = summary_lines(build_history(records), {"train": {"steps": 100}}, None)
+    assert "| status | paused at step 60 (Ctrl-C in the driver); resumes when submitted again |" in lines

@@ -145,13 +145,51 @@ def test_a_dataset_that_is_not_there_is_one_line_and_the_run_keeps_its_config(da
 
 
 def _pretrain_cmd(dataset, storage, name, address, extra=()) -> list[str]:
+    """The job as a user runs it; `address` None: on a local Ray of its own, as `make pretrain` does."""
     args = [sys.executable, str(REPO / "jobs" / "pretrain.py"), "--config", "tiny"]
     from runs import MICRO
 
-    for item in [*MICRO, f"data.path={dataset}", f"checkpoint.storage={storage}", f"run.name={name}",
-                 f"run.address={address}", *extra]:
+    joins = [f"run.address={address}"] if address else []
+    for item in [*MICRO, f"data.path={dataset}", f"checkpoint.storage={storage}", f"run.name={name}", *joins, *extra]:
         args += ["--set", item]
     return args
+
+
+def test_ctrl_c_pauses_the_run_at_a_committed_checkpoint_and_the_same_command_goes_on(dataset, tmp_path):
+    """Ctrl-C on a terminal (SIGINT to the job's whole process group) while it trains with the tiny preset's
+    checkpoint interval (25): every rank checkpoints at the end of its step, the job says where it paused and
+    exits with 130, and the same command goes on from that step. Before, the run was aborted without a word
+    and lost every step since its last scheduled checkpoint."""
+    import signal
+
+    settings = ["checkpoint.every_steps=25", "train.log_every=1", "eval.every_steps=null"]
+    cmd = _pretrain_cmd(dataset, tmp_path, "paused", None, [*settings, "train.steps=100000"])
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = []
+    try:
+        for line in job.stdout:
+            out.append(line)
+            if line.startswith("step ") and "loss" in line and int(line.split()[1].split("/")[0]) >= 3:
+                os.killpg(job.pid, signal.SIGINT)
+                break
+        out += job.stdout.readlines()
+        assert job.wait(timeout=300) == 130, "".join(out)[-4000:]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    text = "".join(out)
+    assert "Ctrl-C: every rank checkpoints at the end of its step" in text, text[-4000:]
+    (last,) = [line for line in out if line.startswith("paused: paused at step ")]
+    step = int(last.split()[4])
+    assert step >= 4 and "Run the same command again to go on from it." in last
+    store = CheckpointStore(str(tmp_path), "paused")
+    assert store.latest_complete() == step and store.verify(step, full=True).ok
+    history = read_history(open_storage(str(tmp_path)).child("paused"))
+    assert [e["kind"] for e in history.events][-1] == "paused"
+    again = subprocess.run(_pretrain_cmd(dataset, tmp_path, "paused", None, [*settings, f"train.steps={step + 3}"]),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert f"resumed at step {step} of {step + 3}" in again.stdout
 
 
 @pytest.fixture

@@ -3,11 +3,16 @@
 Rank 0 sends each record without waiting (one fire-and-forget call per step); the driver takes what is new
 twice a second. Owned by the driver like the guardian, it outlives worker-group restarts and dies with the
 job. Only the newest `keep` records are held: the metrics files are the record, this is the view.
+
+The other way, it carries the driver's request to pause the run (Ctrl-C, raytrainer.live.pause), which rank 0
+reads at most once a second.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("raytrainer.live")
@@ -25,6 +30,13 @@ class RunMonitor:
         self.records: list[dict] = []
         self.first = 0  # the index of records[0] among everything ever announced
         self.keep = keep
+        self.pause: str | None = None  # why the driver asked the run to checkpoint and end
+
+    def request_pause(self, reason: str) -> None:
+        self.pause = self.pause or reason
+
+    def pause_request(self) -> str | None:
+        return self.pause
 
     def push(self, record: dict) -> None:
         self.records.append(record)
@@ -105,3 +117,27 @@ def announcer(run_name: str):
                         "the metrics files go on", type(e).__name__, e)
 
     return announce
+
+
+def pause_requests(run_name: str, every_s: float = 1.0) -> Callable[[], str | None]:
+    """Rank 0's side: a callable that says why the driver asked the run to pause, or None; it asks the monitor
+    at most every `every_s` seconds (a step never waits on more than one small call a second)."""
+    import ray
+
+    try:
+        actor = ray.get_actor(monitor_name(run_name), namespace=NAMESPACE)
+    except ValueError:
+        return lambda: None
+    last = [-float("inf")]
+
+    def pause_request() -> str | None:
+        now = time.monotonic()
+        if now - last[0] < every_s:
+            return None
+        last[0] = now
+        try:
+            return ray.get(actor.pause_request.remote(), timeout=10)
+        except Exception:  # no monitor, no request: the run goes on
+            return None
+
+    return pause_request

@@ -53,6 +53,12 @@ class LiveView:
         if self.tty:
             self._draw_bar()
 
+    def say(self, line: str) -> None:
+        """A line of the driver's own (Ctrl-C), among the run's."""
+        self._print(line)
+        if self.tty:
+            self._draw_bar()
+
     def line_for(self, r: dict) -> str | None:
         """The plain line a record is worth (None: only the bar changes), and the view's state updated."""
         kind = r.get("kind")
@@ -72,7 +78,7 @@ class LiveView:
             skip = r.get("skip")
             skipped = f"; global batches {skip[0]}..{skip[1] - 1} are skipped" if skip else ""
             return f"step {r['step']}: ROLLED BACK to checkpoint {r['to']} ({r.get('reason', '')}){skipped}"
-        if kind in ("stopped", "abort", "finish"):
+        if kind in ("stopped", "abort", "finish", "paused"):
             self._attempt_open = False
         if kind == "start":
             self._attempt_open = True
@@ -92,6 +98,9 @@ class LiveView:
             return (f"step {r.get('step')}: rank(s) {', '.join(map(str, r.get('ranks', [])))}{nodes} were told to stop "
                     f"({r.get('reason')}); the whole group checkpointed in {_num(r.get('save_s'), '.3g')} s and "
                     "restarts from it")
+        if kind == "paused":
+            return (f"step {r.get('step')}: paused ({r.get('reason')}): checkpoint {r.get('step')} is committed "
+                    f"({r.get('checkpoint')}); run the same command again to go on from it")
         if kind == "stopped":
             return (f"step {r.get('step')}: this attempt stopped ({r.get('reason')}); Ray Train restarts the "
                     "workers from the newest complete checkpoint, unless parallel.max_failures is spent")

@@ -155,12 +155,13 @@ def summary_lines(history: RunHistory, config: dict | None, checkpoints: list[di
     last = steps[-1] if steps else {}
     times = [r["time"] for r in steps + history.events + history.evals if isinstance(r.get("time"), int | float)]
     total = (config or {}).get("train", {}).get("steps")
-    ends = [e for e in history.events if e.get("kind") in ("finish", "stopped", "abort")]
+    ends = [e for e in history.events if e.get("kind") in ("finish", "stopped", "abort", "paused")]
     status = "in progress"
     if ends:
         end = ends[-1]
         status = {"finish": f"finished at step {end['step']}",
-                  "abort": f"aborted by the guardian at step {end['step']}: {end.get('reason')}"}.get(
+                  "abort": f"aborted by the guardian at step {end['step']}: {end.get('reason')}",
+                  "paused": f"paused at step {end['step']} ({end.get('reason')}); resumes when submitted again"}.get(
             end["kind"], f"stopped at step {end['step']}: {end.get('reason')}")
     flops = sum(r.get("flops") or 0.0 for r in steps if r.get("applied"))
     spent = flops + sum(r.get("flops") or 0.0 for r in history.abandoned)
@@ -246,7 +247,7 @@ def _event_lines(history: RunHistory) -> list[str]:
                 "branched_from") else ""
             rows.append(f"| {_when(e.get('time'))} | {kind} | step {e['step']} on {e.get('world_size')} workers"
                         f"{where} |")
-        elif kind in ("stopped", "finish", "abort"):
+        elif kind in ("stopped", "finish", "abort", "paused"):
             rows.append(f"| {_when(e.get('time'))} | {kind} | step {e['step']} {e.get('reason', '')} |")
     return ["| time | event | detail |", "|---|---|---|", *rows] if rows else ["None."]
 

@@ -113,6 +113,7 @@ class WorkerEnv:
     announce: Callable[[dict], None] = lambda record: None  # rank 0's records to the driver's live view
     nodes: list[str] = field(default_factory=list)  # every rank's node (rank order), to name suspects
     notice: Callable[[], str | None] = lambda: None  # why this rank was told to stop (SIGTERM, preemption), if it was
+    pause_request: Callable[[], str | None] = lambda: None  # rank 0: why the driver asked the run to pause (Ctrl-C)
     hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)  # fault-injection hooks (tests)
 
 
@@ -153,6 +154,8 @@ class Trainer:
         self.tokens_seen = 0  # tokens of the updates in the model now (a rollback takes them back)
         self._decode: Any = None  # the dataset tokenizer's decode, loaded on the first blame (False: cannot)
         self._told = False  # this rank's stop notice is in the log
+        self._pause: str | None = None  # rank 0: the driver's request to pause, once seen
+        self.paused: str | None = None  # the run checkpointed and ended at the driver's request (every rank)
         self._committed: set[int] = set()  # checkpoints rank 0 has seen committed by every rank
 
     # ------------------------------------------------------------------ the algorithm
@@ -181,13 +184,15 @@ class Trainer:
                          self.checkpoints.store.step_url(step))
             self.checkpoints.finish()
             return {"step": step, "history": self.history, "already_finished": True}
-        while step < self.cfg.train.steps:
+        while step < self.cfg.train.steps and self.paused is None:
             step = self.train_step(step)
-        self.save(step, final=True)
+        if self.paused is None:
+            self.save(step, final=True)
         self.checkpoints.settle()
         self.keep_books()
         self.checkpoints.finish()
-        self.note("finish", step=step, tokens_seen=self.tokens_seen)
+        if self.paused is None:
+            self.note("finish", step=step, tokens_seen=self.tokens_seen)
         if self.env.registers_checkpoints:
             # Every rank reports, as at every log step; Ray registers the checkpoint only once all of them
             # are here, so after each rank has committed its part. A checkpoint whose commit was seen after the
@@ -197,7 +202,7 @@ class Trainer:
             for earlier in late:
                 self.env.report(final, earlier if self.env.rank == 0 else None)
             self.env.report(final, step if self.env.rank == 0 else None)
-        return {"step": step, "history": self.history}
+        return {"step": step, "history": self.history, **({"paused": self.paused} if self.paused else {})}
 
     def train_step(self, step: int) -> int:
         """Run global step `step`; return the next step to run (smaller after a rollback)."""
@@ -207,7 +212,7 @@ class Trainer:
             data_wait = time.perf_counter() - t0
             if self.injector is not None:
                 micro_batches = self.injector.before_forward(step, micro_batches)
-            stopping = self.cfg.checkpoint.on_preemption and self.note_stop_notice()
+            stopping = self.note_pause_request() | (self.cfg.checkpoint.on_preemption and self.note_stop_notice())
             stats = self.engine.forward_backward(micro_batches, step, data_wait_s=data_wait, stopping=stopping)
             told = [r for r, flag in enumerate(stats.metrics.get("rank_stopping", [])) if flag]
             decision = self.decide(step, stats)
@@ -247,9 +252,17 @@ class Trainer:
                         "group stops and restarts from that checkpoint", self.env.rank, reason)
         return reason is not None
 
+    def note_pause_request(self) -> bool:
+        """Rank 0: whether the driver asked the run to pause (it travels to the other ranks with the step's
+        stop flags)."""
+        if self.env.rank == 0 and self._pause is None:
+            self._pause = self.env.pause_request()
+        return self._pause is not None
+
     def stop_for_notice(self, step: int, ranks: list[int], saved: bool) -> None:
         """Some ranks were told to stop: checkpoint the whole group now, wait until it is committed, and end the
-        group, so the next one starts from this step instead of from the last scheduled checkpoint."""
+        group, so the next one starts from this step instead of from the last scheduled checkpoint. When the
+        driver asked for it (a pause), the run ends there instead of restarting; submitted again, it resumes."""
         if step >= self.cfg.train.steps:
             return  # the run's final checkpoint comes next anyway
         t0 = time.perf_counter()
@@ -261,6 +274,12 @@ class Trainer:
         if not self.env.broadcast(step in self._committed if self.env.rank == 0 else None) and self.env.rank == 0:
             log.warning("step %d: the stop checkpoint was not seen committed by every rank within %.0f s; the next "
                         "group starts from the newest complete one", step, STOP_COMMIT_WAIT_S)
+        pause = self.env.broadcast(self._pause if self.env.rank == 0 else None)
+        if pause is not None:
+            self.paused = pause
+            self.note("paused", step=step, checkpoint=self.checkpoints.store.step_url(step),
+                      save_s=time.perf_counter() - t0, reason=pause)
+            return
         nodes = sorted({self.env.nodes[r] for r in ranks if r < len(self.env.nodes)})
         self.note("preempted", step=step, ranks=ranks, nodes=nodes, checkpoint=self.checkpoints.store.step_url(step),
                   save_s=time.perf_counter() - t0, reason=self.env.notice() or "told to stop")

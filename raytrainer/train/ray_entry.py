@@ -154,7 +154,7 @@ def train_fn(loop_config: dict, secrets: SecretStr | None = None) -> None:
             ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(pointer),
                              checkpoint_dir_name=registered_dir_name(checkpoint_step))
 
-    from raytrainer.live.monitor import ForwardToDriver, announcer
+    from raytrainer.live.monitor import ForwardToDriver, announcer, pause_requests
 
     rank = ctx.get_world_rank()
     announce = announcer(cfg.run.name)
@@ -170,6 +170,7 @@ def train_fn(loop_config: dict, secrets: SecretStr | None = None) -> None:
     env = WorkerEnv(
         rank=rank,
         notice=notice.reason,
+        **({"pause_request": pause_requests(cfg.run.name)} if rank == 0 else {}),
         hooks=hooks,
         world_size=ctx.get_world_size(),
         report=report,
