@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from raytrainer.config import ConfigError, load_config
@@ -51,8 +52,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("error: give --run RUN (or --compare RUN_A RUN_B)", file=sys.stderr)
         return 2
     report = run_report(args.run, s3=s3)
-    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     run = open_storage(args.run, s3)
+    written, no_plots = [], None  # the files first: a reader of the summary may go early (`| head`)
     try:
         if args.out:
             from raytrainer.report.document import run_document
@@ -61,7 +62,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         else:
             written = write_run_report(run, report["checkpoints"])
     except ReportError as e:
-        print(f"no plots: {e}", file=sys.stderr)
+        no_plots = e
+    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+    if no_plots is not None:
+        sys.stdout.flush()
+        print(f"no plots: {no_plots}", file=sys.stderr)
         return 1
     if not args.json:
         print("\n".join(f"wrote {w}" for w in written))
@@ -191,10 +196,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that has gone is found here, not as Python exits
+        return code
     except (ConfigError, DataError, StorageError) as e:  # ExportRefused and RunNotFound among them
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `raytrainer report ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python exits
+        return 0
 
 
 if __name__ == "__main__":

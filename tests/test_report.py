@@ -141,3 +141,19 @@ def test_a_paused_run_says_so_and_that_it_resumes():
                                                 "attempt": "a", "time": 1200.0}]
     lines = summary_lines(build_history(records), {"train": {"steps": 100}}, None)
     assert "| status | paused at step 60 (Ctrl-C in the driver); resumes when submitted again |" in lines
+
+
+def test_a_report_piped_into_head_ends_quietly(tmp_path):
+    """`raytrainer report ... | head`: the reader goes before the report is written out."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "runs" / "r1"
+    _write_run(open_storage(str(run)), _records())
+    code = "import sys; from raytrainer.cli import main; sys.exit(main())"
+    job = subprocess.Popen([sys.executable, "-c", code, "report", "--run", str(run)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    job.stdout.close()  # long before the report is printed
+    err = job.stderr.read()
+    assert job.wait(timeout=120) == 0 and "Error" not in err, err
+    assert (run / "report" / "report.html").is_file()  # the report was still written

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -158,12 +159,12 @@ def _pretrain_cmd(dataset, storage, name, address, extra=()) -> list[str]:
 def test_ctrl_c_pauses_the_run_at_a_committed_checkpoint_and_the_same_command_goes_on(dataset, tmp_path):
     """Ctrl-C on a terminal (SIGINT to the job's whole process group) while it trains with the tiny preset's
     checkpoint interval (25): every rank checkpoints at the end of its step, the job says where it paused and
-    exits with 130, and the same command goes on from that step. Before, the run was aborted without a word
-    and lost every step since its last scheduled checkpoint."""
+    exits with 130, leaving a checkpoint at that step. Before, the run was aborted without a word and lost every
+    step since its last scheduled checkpoint."""
     import signal
 
-    settings = ["checkpoint.every_steps=25", "train.log_every=1", "eval.every_steps=null"]
-    cmd = _pretrain_cmd(dataset, tmp_path, "paused", None, [*settings, "train.steps=100000"])
+    cmd = _pretrain_cmd(dataset, tmp_path, "paused", None, ["checkpoint.every_steps=25", "train.log_every=1",
+                                                            "eval.every_steps=null", "train.steps=100000"])
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out = []
     try:
@@ -186,10 +187,7 @@ def test_ctrl_c_pauses_the_run_at_a_committed_checkpoint_and_the_same_command_go
     assert store.latest_complete() == step and store.verify(step, full=True).ok
     history = read_history(open_storage(str(tmp_path)).child("paused"))
     assert [e["kind"] for e in history.events][-1] == "paused"
-    again = subprocess.run(_pretrain_cmd(dataset, tmp_path, "paused", None, [*settings, f"train.steps={step + 3}"]),
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert f"resumed at step {step} of {step + 3}" in again.stdout
+    # Going on from the pause: test_job_submission_runs_the_default_job_and_ray_job_stop_pauses_it, end to end.
 
 
 @pytest.fixture
@@ -220,17 +218,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_job_submission_runs_the_default_job(dataset, tmp_path, ray_head):
-    """`ray job submit --working-dir .` against a token-authenticated head, as a user would."""
+def test_job_submission_runs_the_default_job_and_ray_job_stop_pauses_it(dataset, tmp_path, ray_head):
+    """`ray job submit --working-dir .` against a token-authenticated head, as a user would, with the stop signal
+    the README gives: `ray job stop` pauses the run at a committed checkpoint (Ctrl-C's path, with the tiny
+    preset's checkpoint interval), and the job submitted again goes on from there and finishes."""
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    excludes = [".venv", ".git", "runs", "data", "bench/results", "**/__pycache__"]
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={ray_head}",
-           f"--working-dir={REPO}", "--runtime-env-json", json.dumps({"excludes": excludes}), "--",
-           *_pretrain_cmd(dataset, tmp_path, "submitted", "auto", ["train.steps=10"])]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert "succeeded" in done.stdout.lower()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    runtime_env = {"excludes": [".venv", ".git", "runs", "data", "bench/results", "**/__pycache__"],
+                   "env_vars": {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "300"}}
+
+    def ray_job(command: str, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        return subprocess.run([ray_bin, "job", command, f"--address={ray_head}", *args], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def submit(steps: int, *how: str) -> subprocess.CompletedProcess:
+        job = _pretrain_cmd(dataset, tmp_path, "submitted", "auto",
+                            [f"train.steps={steps}", "train.log_every=1", "checkpoint.every_steps=25"])
+        return ray_job("submit", f"--working-dir={REPO}", "--runtime-env-json", json.dumps(runtime_env), *how, "--",
+                       *job)
+
+    assert submit(100_000, "--no-wait", "--submission-id=long").returncode == 0
+    deadline, logs = time.monotonic() + 300, ""
+    while time.monotonic() < deadline and not any(int(n) >= 3 for n in re.findall(r"^step +(\d+)/", logs, re.M)):
+        time.sleep(2)
+        logs = ray_job("logs", "long", timeout=60).stdout
+    stopped = ray_job("stop", "long")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    logs = ray_job("logs", "long", timeout=60).stdout
+    paused = re.search(r"^submitted: paused at step (\d+) ", logs, re.M)
+    assert paused, logs[-4000:]
+    step = int(paused[1])
     store = CheckpointStore(str(tmp_path), "submitted")
-    assert store.latest_complete() == 10 and store.verify(10, full=True).ok
-    state = json.loads((tmp_path / "submitted" / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())
-    assert state["step"] == 10 and state["cursor"]["step"] == 10
+    assert store.latest_complete() == step and store.verify(step, full=True).ok
+
+    done = submit(step + 3)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "succeeded" in done.stdout.lower() and f"resumed at step {step} of {step + 3}" in done.stdout
+    assert store.latest_complete() == step + 3 and store.verify(step + 3, full=True).ok
+    state = json.loads((tmp_path / "submitted" / "checkpoints" / f"step_{step + 3:08d}" / "trainer_state.json"
+                        ).read_text())
+    assert state["step"] == step + 3 and state["cursor"]["step"] == step + 3
