@@ -321,6 +321,7 @@ def run(cfg: Config) -> dict:
             raise
         result = None
     finally:
+        ctrl_c.close()
         follower.stop()
         stop_monitor(cfg.run.name)
         if cfg.guardian.enabled:
@@ -332,7 +333,8 @@ def run(cfg: Config) -> dict:
     if result.error is not None:
         raise result.error
     summary = {**summarize(cfg), **registered_with_ray(result)}
-    return {**summary, "paused": CTRL_C} if ctrl_c.paused and summary["step"] < cfg.train.steps else summary
+    paused = ctrl_c.paused and (summary["step"] or 0) < cfg.train.steps
+    return {**summary, "paused": CTRL_C} if paused else summary
 
 
 def write_report(cfg: Config, run_dir: Any) -> None:
@@ -389,8 +391,9 @@ def run_job(cfg: Config) -> int:
     except GuardianAbort as e:
         last_words(str(e))
         return GUARDIAN_ABORT_EXIT_CODE
-    except KeyboardInterrupt:
-        last_words(f"interrupted: run {cfg.run.name} stopped before its workers started training (Ctrl-C)")
+    except KeyboardInterrupt:  # before fit() or after it (during the end-of-run report)
+        last_words(f"interrupted (Ctrl-C): run {cfg.run.name} goes on from its newest checkpoint when the same "
+                   "command is run again")
         return CTRL_C_EXIT_CODE
     if "paused" in result or "stopped" in result:
         how = (f"paused at step {result['step']} ({result['paused']}); checkpoint {result['checkpoint']} is "

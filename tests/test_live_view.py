@@ -89,6 +89,8 @@ def test_a_pause_says_where_the_run_goes_on_and_a_later_resume_is_not_taken_for_
 
 
 def test_ctrl_c_asks_for_a_pause_then_stops_at_once_then_leaves():
+    import signal
+
     import pytest
     from ray.train.torch import TorchTrainer
 
@@ -103,7 +105,11 @@ def test_ctrl_c_asks_for_a_pause_then_stops_at_once_then_leaves():
 
     monitor, controller, said = Remote(), Remote(), []
     ctrl_c = CtrlC(monitor, said.append)
+    before = signal.getsignal(signal.SIGINT)
     ctrl_c.register(controller)
+    assert signal.getsignal(signal.SIGINT) == ctrl_c.on_sigint
+    ctrl_c.close()  # after fit(): Ctrl-C is Python's own again
+    assert signal.getsignal(signal.SIGINT) is before
     ctrl_c.on_sigint(2, None)
     assert ctrl_c.paused and monitor.calls == [("request_pause", CTRL_C)] and controller.calls == []
     ctrl_c.on_sigint(2, None)

@@ -33,6 +33,7 @@ class CtrlC:
         self.say = say
         self.presses = 0
         self._controller: Any = None
+        self._previous: Any = None  # the SIGINT handling before fit() (None: ours was never installed)
 
     @property
     def paused(self) -> bool:
@@ -46,7 +47,13 @@ class CtrlC:
         """In place of Ray Train's _register_sigint_handler(controller)."""
         self._controller = controller
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self.on_sigint)
+            self._previous = signal.signal(signal.SIGINT, self.on_sigint)
+
+    def close(self) -> None:
+        """After fit(): Ctrl-C is Python's KeyboardInterrupt again (what the presses did stays as it was)."""
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
     def on_sigint(self, signum: int, frame: Any) -> None:
         self.presses += 1
