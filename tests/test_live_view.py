@@ -129,3 +129,34 @@ def test_the_monitor_holds_the_first_pause_request():
     monitor.request_pause("Ctrl-C in the driver")
     monitor.request_pause("something else")
     assert monitor.pause_request() == "Ctrl-C in the driver"
+
+
+def test_rank_0_asks_for_a_pause_at_most_once_a_second_and_never_waits_for_the_answer(monkeypatch):
+    import ray
+
+    from raytrainer.live import monitor as live_monitor
+
+    clock, answers, asked = [100.0], {}, []
+
+    class Actor:
+        class pause_request:
+            @staticmethod
+            def remote():
+                asked.append(clock[0])
+                return len(asked)  # the question's ref
+
+    monkeypatch.setattr(ray, "get_actor", lambda name, namespace: Actor)
+    monkeypatch.setattr(ray, "wait", lambda refs, timeout: ([r for r in refs if r in answers], []))
+    monkeypatch.setattr(ray, "get", lambda ref: answers[ref])
+    monkeypatch.setattr(live_monitor.time, "monotonic", lambda: clock[0])
+    poll = live_monitor.pause_requests("r", every_s=1.0)
+    assert poll() is None and asked == [100.0]  # asked; the answer is not there yet
+    clock[0] = 100.5
+    assert poll() is None and asked == [100.0]  # still in flight: nothing waits, nothing more is asked
+    answers[1] = None
+    clock[0] = 100.7
+    assert poll() is None and asked == [100.0]  # no request, and less than a second since the last question
+    clock[0] = 101.2
+    assert poll() is None and asked == [100.0, 101.2]
+    answers[2] = "Ctrl-C in the driver"
+    assert poll() == "Ctrl-C in the driver"

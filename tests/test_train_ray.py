@@ -203,8 +203,20 @@ def ray_head():
     subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=8", "--include-dashboard=true",
                     f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}"],
                    check=True, env=env, capture_output=True, timeout=120)
+    address = f"http://127.0.0.1:{dashboard}"
     try:
-        yield f"http://127.0.0.1:{dashboard}"
+        # The head takes submissions once its job agent has registered; Ray's own wait for it is 10 s, which a
+        # loaded 2-core machine can exceed ("No available agent to submit job, please try again later").
+        deadline = time.monotonic() + 120
+        while True:
+            probe = subprocess.run([str(ray_bin), "job", "submit", f"--address={address}", "--no-wait", "--", "true"],
+                                   env=env, capture_output=True, text=True, timeout=120)
+            if probe.returncode == 0:
+                break
+            assert "No available agent" in probe.stdout + probe.stderr and time.monotonic() < deadline, (
+                probe.stdout + probe.stderr)[-3000:]
+            time.sleep(2)
+        yield address
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)

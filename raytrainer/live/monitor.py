@@ -120,24 +120,37 @@ def announcer(run_name: str):
 
 
 def pause_requests(run_name: str, every_s: float = 1.0) -> Callable[[], str | None]:
-    """Rank 0's side: a callable that says why the driver asked the run to pause, or None; it asks the monitor
-    at most every `every_s` seconds (a step never waits on more than one small call a second)."""
+    """Rank 0's side: a callable that says why the driver asked the run to pause, or None. It never waits: it
+    asks the monitor at most every `every_s` seconds and reads the answer at a later call, once it is there (a
+    monitor that is restarting or gone costs a step nothing)."""
     import ray
 
     try:
         actor = ray.get_actor(monitor_name(run_name), namespace=NAMESPACE)
     except ValueError:
         return lambda: None
+    asked: list[Any] = [None]  # the question in flight
     last = [-float("inf")]
 
     def pause_request() -> str | None:
+        if asked[0] is not None:
+            ready, _ = ray.wait([asked[0]], timeout=0)
+            if not ready:
+                return None
+            try:
+                reason = ray.get(ready[0])
+            except Exception:  # no monitor, no request: the run goes on
+                reason = None
+            asked[0] = None
+            if reason:
+                return reason
         now = time.monotonic()
-        if now - last[0] < every_s:
-            return None
-        last[0] = now
-        try:
-            return ray.get(actor.pause_request.remote(), timeout=10)
-        except Exception:  # no monitor, no request: the run goes on
-            return None
+        if now - last[0] >= every_s:
+            last[0] = now
+            try:
+                asked[0] = actor.pause_request.remote()
+            except Exception:
+                asked[0] = None
+        return None
 
     return pause_request
