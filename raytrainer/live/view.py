@@ -49,12 +49,12 @@ class LiveView:
     def feed(self, record: dict) -> None:
         line = self.line_for(record)
         if line is not None:
-            self._print(line)
-        if self.tty:
+            self.say(line)
+        elif self.tty:
             self._draw_bar()
 
     def say(self, line: str) -> None:
-        """A line of the driver's own (Ctrl-C), among the run's."""
+        """A line above the bar: a record's, or the driver's own (Ctrl-C)."""
         self._print(line)
         if self.tty:
             self._draw_bar()
